@@ -1,0 +1,57 @@
+# dask-ec2-ansible: one command for a cluster, one for the tests.
+#
+#   make demo        local cluster "demo" (1 scheduler, 2 workers, Jupyter Lab)
+#   make demo-down   remove it
+#   make test        everything needed, then the whole test suite (CI runs this)
+
+SHELL := /bin/bash
+VENV := .venv
+PLAYBOOK := $(VENV)/bin/ansible-playbook
+# Networks that intercept TLS: a PEM bundle with their CA, installed on the
+# machines and used by uv. Defaults to the bundle this machine is told to
+# trust through SSL_CERT_FILE, when that is set.
+EXTRA_CA_BUNDLE ?= $(SSL_CERT_FILE)
+CLUSTER ?= demo
+WORKERS ?= 2
+CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
+
+.PHONY: help setup docker image demo demo-down lint test test-static test-cluster clean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+## Controller: uv, .venv/ from uv.lock, collections check
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml uv.lock requirements.yml scripts/bootstrap
+	scripts/bootstrap
+	@touch $@
+
+## A Docker engine that answers (started here where we can)
+docker:
+	scripts/ensure-docker
+
+## The local provider's base image (debootstrap when no registry answers)
+image: docker
+	scripts/build-base-image
+
+demo: setup image
+	$(PLAYBOOK) site.yml -e provider=docker -e cluster_name=$(CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG)
+
+demo-down: setup docker
+	$(PLAYBOOK) teardown.yml -e provider=docker -e cluster_name=$(CLUSTER)
+
+lint: setup
+	$(VENV)/bin/yamllint --strict .
+	$(VENV)/bin/ansible-lint
+
+## Static checks only (no Docker needed)
+test-static: setup
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest -m "not cluster"
+
+## Everything
+test: setup image
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,254 @@
+"""End to end on the local provider: site.yml, a real Dask client, a real
+Jupyter server and kernel, idempotence, check mode, teardown."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import pytest
+import requests
+import websocket
+
+from conftest import ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
+]
+
+CLUSTER = "citest"
+WORKERS = 2
+SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}", *extra_ca_args()]
+STATE = ROOT / ".clusters" / CLUSTER
+SCHEDULER = f"dask-{CLUSTER}-scheduler"
+WORKER_1 = f"dask-{CLUSTER}-worker-1"
+
+
+def teardown(cluster: str = CLUSTER, name: str = "teardown"):
+    return run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={cluster}", name=name)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A fresh cluster, built once for this module and always torn down."""
+    teardown(name="teardown-before")
+    try:
+        first = run_playbook("site.yml", *SITE_ARGS, name="site-first-run")
+        info = json.loads((STATE / "cluster.json").read_text())
+        yield {"info": info, "first_run": first}
+    finally:
+        teardown(name="teardown-after")
+
+
+def client_for(info):
+    from distributed import Client
+
+    with warnings.catch_warnings():
+        # The controller's Python patch level may differ from the nodes'.
+        warnings.simplefilter("ignore")
+        return Client(info["scheduler_address"], timeout=30)
+
+
+def wait_for_workers(client, count: int, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if len(client.scheduler_info(n_workers=-1)["workers"]) == count:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise AssertionError(f"{count} workers not connected within {timeout} s")
+
+
+def test_first_run_configured_every_machine(cluster):
+    recap = cluster["first_run"].recap
+    assert set(recap) == {"localhost", SCHEDULER, WORKER_1, f"dask-{CLUSTER}-worker-2"}
+    assert all(host["failed"] == 0 and host["unreachable"] == 0 for host in recap.values())
+    assert all(recap[host]["changed"] > 0 for host in recap if host != "localhost")
+
+
+def test_cluster_json_describes_the_cluster(cluster):
+    info = cluster["info"]
+    for key in ("name", "provider", "scheduler_address", "dashboard_url", "jupyter_url",
+                "jupyter_token_file", "workers", "dask_version"):
+        assert key in info, key
+    assert info["name"] == CLUSTER
+    assert info["provider"] == "docker"
+    assert info["workers"] == WORKERS
+    assert info["dask_version"] == "2026.8.0"
+    assert info["scheduler_address"].startswith("tcp://") and info["scheduler_address"].endswith(":8786")
+    token_file = Path(info["jupyter_token_file"])
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert len(token_file.read_text().strip()) >= 32
+    assert stat.S_IMODE((STATE / "ssh" / "id_ed25519").stat().st_mode) == 0o600
+    assert stat.S_IMODE(STATE.stat().st_mode) == 0o700
+
+
+def test_client_on_the_controller_computes_on_all_workers(cluster):
+    import dask
+    import dask.datasets
+
+    client = client_for(cluster["info"])
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        assert len(workers) == WORKERS
+        assert {w["name"] for w in workers.values()} == {f"dask-{CLUSTER}-worker-{i}" for i in (1, 2)}
+        assert client.get_versions(check=False)["scheduler"]["packages"]["dask"] == dask.__version__
+        df = dask.datasets.timeseries(start="2000-01-01", end="2000-01-15")
+        means = df.groupby("name").x.mean().compute()
+        assert len(means) > 10
+        assert means.abs().max() < 0.1  # x is uniform on [-1, 1]
+        # Every worker took part.
+        assert len(client.run(lambda: 1)) == WORKERS
+    finally:
+        client.close()
+
+
+def test_dashboard_answers(cluster):
+    response = requests.get(cluster["info"]["dashboard_url"] + "/json/counts.json", timeout=10)
+    assert response.status_code == 200
+    assert response.json()["workers"] == WORKERS
+
+
+def test_jupyter_requires_the_token(cluster):
+    info = cluster["info"]
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    api = info["jupyter_url"].removesuffix("/lab") + "/api"
+    assert requests.get(f"{api}/kernels", timeout=10).status_code == 403
+    assert requests.get(f"{api}/kernels", headers={"Authorization": "token wrong"}, timeout=10).status_code == 403
+    without = requests.get(info["jupyter_url"], timeout=10, allow_redirects=False)
+    assert without.status_code in (302, 403)
+    if without.status_code == 302:
+        assert "/login" in without.headers["Location"]
+    assert requests.get(info["jupyter_url"], params={"token": token}, timeout=10).status_code == 200
+    assert requests.get(f"{api}/kernels", headers={"Authorization": f"token {token}"}, timeout=10).status_code == 200
+
+
+def run_in_kernel(info, code: str, timeout: float = 120) -> str:
+    """Start a kernel through Jupyter's REST API, run code, return its stdout."""
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    base = info["jupyter_url"].removesuffix("/lab")
+    auth = {"Authorization": f"token {token}"}
+    kernel = requests.post(f"{base}/api/kernels", headers=auth, json={"name": "python3"}, timeout=30)
+    assert kernel.status_code == 201, kernel.text
+    kernel_id = kernel.json()["id"]
+    ws = websocket.create_connection(
+        base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels",
+        header=[f"Authorization: token {token}"], timeout=timeout,
+    )
+    try:
+        msg_id = uuid.uuid4().hex
+        ws.send(json.dumps({
+            "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
+                       "msg_type": "execute_request", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": False,
+                        "user_expressions": {}, "allow_stdin": False, "stop_on_error": True},
+        }))
+        stdout, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind = msg["msg_type"]
+            if kind == "stream" and msg["content"]["name"] == "stdout":
+                stdout.append(msg["content"]["text"])
+            elif kind == "error":
+                raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
+            elif kind == "execute_reply":
+                return "".join(stdout)
+        raise AssertionError("no reply from the kernel in time")
+    finally:
+        ws.close()
+        requests.delete(f"{base}/api/kernels/{kernel_id}", headers=auth, timeout=30)
+
+
+def test_kernel_client_without_arguments_joins_this_cluster(cluster):
+    info = cluster["info"]
+    out = run_in_kernel(info, "\n".join([
+        "import dask, distributed",
+        "client = distributed.Client(timeout=30)",
+        "print('CLUSTER', type(client.cluster).__name__)",
+        "print('ADDRESS', client.scheduler.address)",
+        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
+        "print('RESULT', client.submit(sum, range(101)).result())",
+        "print('VERSION', dask.__version__)",
+    ]))
+    lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
+    assert lines["CLUSTER"] == "NoneType", "Client() started a LocalCluster instead of joining"
+    assert lines["ADDRESS"].endswith(":8786")
+    assert lines["WORKERS"] == str(WORKERS)
+    assert lines["RESULT"] == "5050"
+    assert lines["VERSION"] == cluster["info"]["dask_version"]
+
+
+@pytest.mark.parametrize(("container", "unit"), [
+    (SCHEDULER, "dask-scheduler"), (SCHEDULER, "jupyterlab"), (WORKER_1, "dask-worker"),
+])
+def test_services_are_enabled_units_running_as_the_service_user(cluster, container, unit):
+    assert docker_exec(container, "systemctl", "is-active", unit).stdout.strip() == "active"
+    assert docker_exec(container, "systemctl", "is-enabled", unit).stdout.strip() == "enabled"
+    pid = docker_exec(container, "systemctl", "show", "-p", "MainPID", "--value", unit).stdout.strip()
+    assert pid not in ("", "0")
+    assert docker_exec(container, "ps", "-o", "user=", "-p", pid).stdout.strip() == "dask"
+
+
+def test_second_run_changes_nothing(cluster):
+    run = run_playbook("site.yml", *SITE_ARGS, name="site-second-run")
+    assert run.changed == 0, run.changed_tasks()
+
+
+def test_check_mode_reports_a_pending_change_without_making_it(cluster):
+    unit = "/etc/systemd/system/dask-worker.service"
+    before = docker_exec(WORKER_1, "cat", unit).stdout
+    run = run_playbook("site.yml", *SITE_ARGS, "-e", "worker_nthreads=1", "--check", name="site-check-mode")
+    assert run.recap[WORKER_1]["changed"] > 0, "check mode hid a change to the worker unit"
+    assert run.recap[SCHEDULER]["changed"] == 0, run.changed_tasks()
+    assert docker_exec(WORKER_1, "cat", unit).stdout == before
+    assert "--nthreads" not in before
+
+
+def test_systemd_restarts_a_killed_worker(cluster):
+    client = client_for(cluster["info"])
+    try:
+        pid = docker_exec(WORKER_1, "systemctl", "show", "-p", "MainPID", "--value", "dask-worker").stdout.strip()
+        assert docker_exec(WORKER_1, "kill", "-9", pid).returncode == 0
+        time.sleep(1)
+        new_pid = ""
+        for _ in range(60):
+            new_pid = docker_exec(WORKER_1, "systemctl", "show", "-p", "MainPID", "--value", "dask-worker").stdout.strip()
+            if new_pid not in ("", "0", pid):
+                break
+            time.sleep(0.5)
+        assert new_pid not in ("", "0", pid)
+        wait_for_workers(client, WORKERS, timeout=60)
+        assert client.submit(lambda x: x + 1, 41, pure=False).result(timeout=30) == 42
+    finally:
+        client.close()
+
+
+def test_teardown_removes_everything_and_can_run_twice(cluster):
+    teardown(name="teardown-1")
+    assert docker_objects("container", CLUSTER) == []
+    assert docker_objects("network", CLUSTER) == []
+    assert docker_objects("volume", CLUSTER) == []
+    assert not STATE.exists()
+    teardown(name="teardown-2")
+
+
+def test_teardown_after_a_half_finished_site_run():
+    """Machines exist but were never configured (site.yml stopped after provisioning)."""
+    half = "citest-half"
+    run_playbook("playbooks/provision.yml", "-e", "provider=docker", "-e", f"cluster_name={half}",
+                 "-e", "worker_count=1", name="provision-half")
+    try:
+        assert len(docker_objects("container", half)) == 2
+        assert docker_objects("network", half) == [f"dask-{half}"]
+    finally:
+        teardown(half, name="teardown-half")
+    assert docker_objects("container", half) == []
+    assert docker_objects("network", half) == []
+    assert not (ROOT / ".clusters" / half).exists()

@@ -1,0 +1,104 @@
+"""Checks that need no machines: lint, specs, variable wiring, input validation."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, VENV_BIN, docker_available, docker_objects, run_playbook
+
+ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir())
+
+
+def test_yamllint_strict():
+    proc = subprocess.run([str(VENV_BIN / "yamllint"), "--strict", "."], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ansible_lint_production_profile():
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible-lint"), "--profile", "production", "--nocolor"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+def test_no_blanket_lint_skips():
+    config = yaml.safe_load((ROOT / ".ansible-lint").read_text())
+    assert not config.get("skip_list"), "skip rules on their line with # noqa and a reason"
+    assert not config.get("warn_list"), "warn_list hides findings"
+    assert config["profile"] == "production"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_defaults_match_argument_specs(role):
+    """Every public variable is documented and validated; nothing documented is missing."""
+    role_dir = ROOT / "roles" / role
+    defaults = yaml.safe_load((role_dir / "defaults" / "main.yml").read_text()) or {}
+    specs = yaml.safe_load((role_dir / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    options = specs["main"].get("options", {})
+    assert set(defaults) == set(options), (
+        f"defaults only: {sorted(set(defaults) - set(options))}; specs only: {sorted(set(options) - set(defaults))}"
+    )
+    for name in defaults:
+        assert name.startswith(f"{role}_"), f"{name} is not prefixed with {role}_"
+        assert options[name].get("description"), f"{name} has no description"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_unit_templates_are_hardened(role):
+    for unit in (ROOT / "roles" / role / "templates").rglob("*.service.j2"):
+        text = unit.read_text()
+        assert text.startswith("{{ ansible_managed | comment }}"), unit
+        for directive in ("User=", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                          "ReadWritePaths=", "PrivateTmp=yes", "ProtectHome=yes", "LimitNOFILE="):
+            assert directive in text, f"{unit.name} lacks {directive}"
+        assert "User=root" not in text
+
+
+def test_top_level_group_vars_reach_imported_playbooks():
+    """Ansible loads group_vars/ next to the inventory or the playbook, not next to
+    site.yml for a play imported from playbooks/. inventory/group_vars links to
+    the top-level group_vars/; this proves the values arrive, defaults and -e."""
+    run = run_playbook("tests/playbooks/group_vars_probe.yml")
+    line = re.search(r"PROBE .*", run.output).group(0)
+    assert "cluster_name=dask " in line
+    assert "worker_count=2 " in line
+    assert "worker_memory_limit_role=auto" in line  # group_vars/workers.yml
+    assert re.search(r"lock=requirements-[0-9a-f]{12}\.txt", line)
+
+    run = run_playbook("tests/playbooks/group_vars_probe.yml", "-e", "cluster_name=other", "-e", "worker_memory_limit=3GiB")
+    line = re.search(r"PROBE .*", run.output).group(0)
+    assert "cluster_name=other " in line
+    assert "worker_memory_limit_role=3GiB" in line
+
+
+BAD_INPUTS = [
+    (["-e", "worker_count=0"], "worker_count must be a whole number of at least 1"),
+    (["-e", "worker_count=two"], "worker_count"),
+    (["-e", "cluster_name=My_Cluster"], "cluster_name 'My_Cluster' is not usable"),
+    (["-e", "worker_memory_limit=lots"], "worker_memory_limit must be"),
+    (["-e", "dask_version=2025.1.0"], "older than 2026.6.0"),
+    (["-e", "dask_version=latest"], "dask_version must be a Dask release"),
+    (["-e", "provider=gcp"], "provider"),
+    (["-e", "jupyter_port=8786"], "must be three different ports"),
+    (["-e", "extra_ca_bundle=/nonexistent/ca.pem"], "is not a file on this machine"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_anything_is_created(args, message):
+    cluster = ["-e", "cluster_name=badinput"] if "cluster_name" not in " ".join(args) else []
+    run = run_playbook("site.yml", "-e", "provider=docker", *cluster, *args, check=False)
+    assert run.returncode != 0
+    assert message in run.output, run.output[-3000:]
+    # Validation is the first play: nothing was provisioned.
+    assert "Provision the cluster's machines" not in run.output
+    if docker_available():
+        assert docker_objects("container", "badinput") == []
+        assert docker_objects("network", "badinput") == []
+    assert not (ROOT / ".clusters" / "badinput").exists()
