@@ -15,7 +15,7 @@ CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
 
-.PHONY: help setup docker image demo demo-down lint test test-static test-cluster clean
+.PHONY: help setup docker image demo demo-down lint molecule test test-static clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -47,7 +47,15 @@ lint: setup
 
 ## Static checks only (no Docker needed)
 test-static: setup
-	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest -m "not cluster"
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest -m "not cluster and not molecule"
+
+## Every role's Molecule scenario, or one: make molecule ROLE=dask_worker
+molecule: setup image
+ifdef ROLE
+	cd roles/$(ROLE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) molecule test
+else
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_molecule.py
+endif
 
 ## Everything
 test: setup image
