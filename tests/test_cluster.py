@@ -4,7 +4,11 @@ Jupyter server and kernel, idempotence, check mode, teardown."""
 from __future__ import annotations
 
 import json
+import re
+import socket
+import ssl
 import stat
+import subprocess
 import time
 import uuid
 import warnings
@@ -14,7 +18,7 @@ import pytest
 import requests
 import websocket
 
-from conftest import ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
+from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
     pytest.mark.cluster,
@@ -25,6 +29,7 @@ CLUSTER = "citest"
 WORKERS = 2
 SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}", *extra_ca_args()]
 STATE = ROOT / ".clusters" / CLUSTER
+ARTIFACTS_SCORES = ARTIFACTS / "systemd-exposure.txt"
 SCHEDULER = f"dask-{CLUSTER}-scheduler"
 WORKER_1 = f"dask-{CLUSTER}-worker-1"
 
@@ -45,13 +50,25 @@ def cluster():
         teardown(name="teardown-after")
 
 
-def client_for(info):
+def security_for(info):
+    from distributed import Security
+
+    tls = info["tls"]
+    return Security(tls_ca_file=tls["ca_file"], tls_client_cert=tls["cert_file"], tls_client_key=tls["key_file"],
+                    require_encryption=True)
+
+
+def client_for(info, **kwargs):
     from distributed import Client
 
     with warnings.catch_warnings():
         # The controller's Python patch level may differ from the nodes'.
         warnings.simplefilter("ignore")
-        return Client(info["scheduler_address"], timeout=30)
+        return Client(info["scheduler_address"], security=security_for(info), timeout=30, **kwargs)
+
+
+def jupyter_get(info, url, **kwargs):
+    return requests.get(url, verify=info["jupyter_ca_file"], timeout=10, **kwargs)
 
 
 def wait_for_workers(client, count: int, timeout: float) -> float:
@@ -79,7 +96,12 @@ def test_cluster_json_describes_the_cluster(cluster):
     assert info["provider"] == "docker"
     assert info["workers"] == WORKERS
     assert info["dask_version"] == "2026.8.0"
-    assert info["scheduler_address"].startswith("tcp://") and info["scheduler_address"].endswith(":8786")
+    assert info["scheduler_address"].startswith("tls://") and info["scheduler_address"].endswith(":8786")
+    assert info["jupyter_url"].startswith("https://")
+    for name in ("ca_file", "cert_file", "key_file"):
+        assert Path(info["tls"][name]).is_file(), name
+    assert stat.S_IMODE(Path(info["tls"]["key_file"]).stat().st_mode) == 0o600
+    assert stat.S_IMODE((STATE / "tls" / "ca.key").stat().st_mode) == 0o600
     token_file = Path(info["jupyter_token_file"])
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
     assert len(token_file.read_text().strip()) >= 32
@@ -117,14 +139,58 @@ def test_jupyter_requires_the_token(cluster):
     info = cluster["info"]
     token = Path(info["jupyter_token_file"]).read_text().strip()
     api = info["jupyter_url"].removesuffix("/lab") + "/api"
-    assert requests.get(f"{api}/kernels", timeout=10).status_code == 403
-    assert requests.get(f"{api}/kernels", headers={"Authorization": "token wrong"}, timeout=10).status_code == 403
-    without = requests.get(info["jupyter_url"], timeout=10, allow_redirects=False)
+    assert jupyter_get(info, f"{api}/kernels").status_code == 403
+    assert jupyter_get(info, f"{api}/kernels", headers={"Authorization": "token wrong"}).status_code == 403
+    without = jupyter_get(info, info["jupyter_url"], allow_redirects=False)
     assert without.status_code in (302, 403)
     if without.status_code == 302:
         assert "/login" in without.headers["Location"]
-    assert requests.get(info["jupyter_url"], params={"token": token}, timeout=10).status_code == 200
-    assert requests.get(f"{api}/kernels", headers={"Authorization": f"token {token}"}, timeout=10).status_code == 200
+    assert jupyter_get(info, info["jupyter_url"], params={"token": token}).status_code == 200
+    assert jupyter_get(info, f"{api}/kernels", headers={"Authorization": f"token {token}"}).status_code == 200
+
+
+def test_jupyter_does_not_serve_plain_http(cluster):
+    plain = cluster["info"]["jupyter_url"].replace("https://", "http://", 1)
+    try:
+        response = requests.get(plain, timeout=10)
+    except requests.exceptions.ConnectionError:
+        return  # refused outright: fine
+    assert response.status_code != 200
+    assert "JupyterLab" not in response.text
+
+
+def test_client_without_the_cluster_certificate_is_refused(cluster, tmp_path):
+    from distributed import Client, Security
+
+    info = cluster["info"]
+    host, port = info["scheduler_address"].removeprefix("tls://").rsplit(":", 1)
+    # Trusts the cluster's CA but shows no certificate of its own: the
+    # scheduler ends the TLS session (certificate required).
+    context = ssl.create_default_context(cafile=info["tls"]["ca_file"])
+    context.check_hostname = False
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(b"hello")
+                if not tls.recv(1):
+                    raise ConnectionResetError("closed by the scheduler")
+    # A certificate from another CA.
+    other_ca = tmp_path / "other"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-subj", "/CN=intruder", "-days", "1", "-keyout", f"{other_ca}.key", "-out", f"{other_ca}.pem"],
+                   check=True, capture_output=True)
+    intruder = Security(tls_ca_file=info["tls"]["ca_file"], tls_client_cert=f"{other_ca}.pem",
+                        tls_client_key=f"{other_ca}.key", require_encryption=True)
+    with pytest.raises((OSError, TimeoutError)):
+        Client(info["scheduler_address"], security=intruder, timeout=5)
+
+
+def test_plain_tcp_to_the_scheduler_is_refused(cluster):
+    from distributed import Client
+
+    plain = cluster["info"]["scheduler_address"].replace("tls://", "tcp://", 1)
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plain, timeout=5)
 
 
 def run_in_kernel(info, code: str, timeout: float = 120) -> str:
@@ -132,12 +198,13 @@ def run_in_kernel(info, code: str, timeout: float = 120) -> str:
     token = Path(info["jupyter_token_file"]).read_text().strip()
     base = info["jupyter_url"].removesuffix("/lab")
     auth = {"Authorization": f"token {token}"}
-    kernel = requests.post(f"{base}/api/kernels", headers=auth, json={"name": "python3"}, timeout=30)
+    ca = info["jupyter_ca_file"]
+    kernel = requests.post(f"{base}/api/kernels", headers=auth, json={"name": "python3"}, verify=ca, timeout=30)
     assert kernel.status_code == 201, kernel.text
     kernel_id = kernel.json()["id"]
     ws = websocket.create_connection(
         base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels",
-        header=[f"Authorization: token {token}"], timeout=timeout,
+        header=[f"Authorization: token {token}"], timeout=timeout, sslopt={"ca_certs": ca},
     )
     try:
         msg_id = uuid.uuid4().hex
@@ -163,7 +230,7 @@ def run_in_kernel(info, code: str, timeout: float = 120) -> str:
         raise AssertionError("no reply from the kernel in time")
     finally:
         ws.close()
-        requests.delete(f"{base}/api/kernels/{kernel_id}", headers=auth, timeout=30)
+        requests.delete(f"{base}/api/kernels/{kernel_id}", headers=auth, verify=ca, timeout=30)
 
 
 def test_kernel_client_without_arguments_joins_this_cluster(cluster):
@@ -179,7 +246,7 @@ def test_kernel_client_without_arguments_joins_this_cluster(cluster):
     ]))
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert lines["CLUSTER"] == "NoneType", "Client() started a LocalCluster instead of joining"
-    assert lines["ADDRESS"].endswith(":8786")
+    assert lines["ADDRESS"].startswith("tls://") and lines["ADDRESS"].endswith(":8786")
     assert lines["WORKERS"] == str(WORKERS)
     assert lines["RESULT"] == "5050"
     assert lines["VERSION"] == cluster["info"]["dask_version"]
@@ -194,6 +261,19 @@ def test_services_are_enabled_units_running_as_the_service_user(cluster, contain
     pid = docker_exec(container, "systemctl", "show", "-p", "MainPID", "--value", unit).stdout.strip()
     assert pid not in ("", "0")
     assert docker_exec(container, "ps", "-o", "user=", "-p", pid).stdout.strip() == "dask"
+
+
+@pytest.mark.parametrize(("container", "unit"), [
+    (SCHEDULER, "dask-scheduler"), (SCHEDULER, "jupyterlab"), (WORKER_1, "dask-worker"),
+])
+def test_units_have_a_low_systemd_exposure_score(cluster, container, unit):
+    """systemd-analyze security: 0 is fully locked down, 10 fully exposed; under 4 reads "OK"."""
+    out = docker_exec(container, "systemd-analyze", "security", "--no-pager", f"{unit}.service").stdout
+    score = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out).group(1))
+    ARTIFACTS_SCORES.parent.mkdir(parents=True, exist_ok=True)
+    with ARTIFACTS_SCORES.open("a") as scores:
+        scores.write(f"{unit} {score}\n")
+    assert score < 4.0, out[-3000:]
 
 
 def test_second_run_changes_nothing(cluster):

@@ -22,9 +22,10 @@ pytestmark = [
 
 def test_every_role_with_tasks_has_a_scenario():
     roles = {p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir()}
-    # provider_docker drives a Docker engine from the controller; a container
-    # cannot stand in for that, and tests/test_cluster.py exercises it.
-    assert roles - set(SCENARIO_ROLES) == {"provider_docker"}
+    # These run on the controller, not on a machine: provider_docker drives
+    # the Docker engine, provider_aws the EC2 API (tests/test_aws.py, moto),
+    # dask_tls makes certificates (tests/test_cluster.py proves mutual TLS).
+    assert roles - set(SCENARIO_ROLES) <= {"provider_docker", "provider_aws", "dask_tls"}
 
 
 @pytest.mark.parametrize("role", SCENARIO_ROLES)

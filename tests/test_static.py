@@ -102,3 +102,49 @@ def test_bad_input_is_refused_before_anything_is_created(args, message):
         assert docker_objects("container", "badinput") == []
         assert docker_objects("network", "badinput") == []
     assert not (ROOT / ".clusters" / "badinput").exists()
+
+
+# --- No secrets in the repository ------------------------------------------
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret access key": re.compile(r"aws_secret_access_key\s*[=:]\s*['\"]?[A-Za-z0-9/+=]{40}"),
+    "private key": re.compile(r"-----BEGIN ((RSA|DSA|EC|OPENSSH|ENCRYPTED) )?PRIVATE KEY-----"),
+    "Jupyter token in a URL": re.compile(r"[?&]token=[A-Za-z0-9]{32,}"),
+}
+
+
+def find_secrets(text: str) -> list[str]:
+    return [name for name, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+
+
+def test_the_secret_scanner_finds_secrets():
+    # Built at run time so that no secret-looking string is in the repository.
+    key_id = "AKIA" + "ABCDEFGHIJKLMNOP"
+    assert find_secrets(f"aws_access_key_id = {key_id}") == ["AWS access key id"]
+    assert find_secrets("aws_secret_access_key=" + "a" * 40) == ["AWS secret access key"]
+    assert find_secrets("-----BEGIN " + "OPENSSH PRIVATE KEY-----\nabc") == ["private key"]
+    assert find_secrets("http://10.0.0.1:8888/lab?token=" + "x1" * 24) == ["Jupyter token in a URL"]
+    assert find_secrets("nothing to see: AKIA-like words, BEGIN PUBLIC KEY") == []
+
+
+def test_no_secrets_in_tracked_files():
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    found = []
+    for name in filter(None, files.split("\0")):
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        found += [f"{name}: {kind}" for kind in find_secrets(text)]
+    assert found == []
+
+
+def test_gitignore_keeps_cluster_state_and_keys_out():
+    ignored = [".clusters/demo/ssh/id_ed25519", ".clusters/demo/tls/ca.key", "id_rsa", "mykey.pem",
+               ".aws/credentials", "credentials"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *ignored], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(ignored)
