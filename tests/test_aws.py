@@ -339,3 +339,50 @@ def test_bad_input_is_refused_before_anything_is_created(aws, env_change, args, 
     assert "PLAY [Provision the cluster's machines]" not in run.output
     assert leftovers(aws, "awsbad") == nothing_left(aws, "awsbad")
     assert not (ROOT / ".clusters" / "awsbad").exists()
+
+
+# What each amazon.aws module this project uses calls, as IAM actions (from the
+# modules' code, amazon.aws 10.1.2). The shipped policy must allow all of them.
+MODULE_ACTIONS = {
+    "aws_caller_info": {"sts:GetCallerIdentity"},
+    "aws_region_info": {"ec2:DescribeRegions"},
+    "ec2_ami_info": {"ec2:DescribeImages"},
+    "ec2_key": {"ec2:DescribeKeyPairs", "ec2:ImportKeyPair", "ec2:DeleteKeyPair", "ec2:CreateTags", "ec2:DeleteTags"},
+    "ec2_key_info": {"ec2:DescribeKeyPairs"},
+    "ec2_vpc_net_info": {"ec2:DescribeVpcs", "ec2:DescribeVpcAttribute"},
+    "ec2_vpc_subnet_info": {"ec2:DescribeSubnets"},
+    "ec2_security_group": {"ec2:DescribeSecurityGroups", "ec2:CreateSecurityGroup", "ec2:DeleteSecurityGroup",
+                           "ec2:AuthorizeSecurityGroupIngress", "ec2:RevokeSecurityGroupIngress",
+                           "ec2:AuthorizeSecurityGroupEgress", "ec2:RevokeSecurityGroupEgress",
+                           "ec2:UpdateSecurityGroupRuleDescriptionsIngress", "ec2:CreateTags", "ec2:DeleteTags",
+                           "sts:GetCallerIdentity"},
+    "ec2_security_group_info": {"ec2:DescribeSecurityGroups"},
+    "ec2_launch_template": {"ec2:DescribeLaunchTemplates", "ec2:DescribeLaunchTemplateVersions",
+                            "ec2:CreateLaunchTemplate", "ec2:CreateLaunchTemplateVersion", "ec2:ModifyLaunchTemplate",
+                            "ec2:DeleteLaunchTemplate"},
+    "ec2_instance": {"ec2:DescribeInstances", "ec2:RunInstances", "ec2:TerminateInstances", "ec2:StartInstances",
+                     "ec2:DescribeInstanceAttribute", "ec2:ModifyInstanceAttribute", "ec2:DescribeVpcs",
+                     "ec2:DescribeSubnets", "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeInstanceStatus",
+                     "ec2:ModifyInstanceMetadataOptions", "iam:PassRole"},
+    "ec2_instance_info": {"ec2:DescribeInstances"},
+}
+
+
+def test_iam_policy_allows_every_call_the_playbooks_make():
+    policy = json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text())
+    allowed = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"]
+        allowed |= {actions} if isinstance(actions, str) else set(actions)
+    assert not any("*" in action for action in allowed), "no wildcard actions"
+    used = set()
+    for path in [*(ROOT / "roles").rglob("*.yml"), *(ROOT / "playbooks").rglob("*.yml")]:
+        used |= {m for m in MODULE_ACTIONS if f"amazon.aws.{m}:" in path.read_text()}
+    text = "\n".join(p.read_text() for p in [*(ROOT / "roles").rglob("*.yml"), *(ROOT / "playbooks").rglob("*.yml")])
+    unknown = {line.split("amazon.aws.")[1].rstrip(":").strip() for line in text.splitlines() if "amazon.aws." in line
+               and line.strip().startswith("amazon.aws.")} - set(MODULE_ACTIONS)
+    assert not unknown, f"modules without a known IAM footprint: {unknown}"
+    missing = set().union(*(MODULE_ACTIONS[m] for m in used)) - allowed
+    assert not missing, f"the policy lacks {sorted(missing)}"
+    assert "ec2:DescribeInstances" in allowed  # the aws inventory
