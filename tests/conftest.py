@@ -57,10 +57,15 @@ def extra_ca_args() -> list[str]:
     return ["-e", f"extra_ca_bundle={bundle}"] if bundle else []
 
 
-def run_playbook(playbook: str, *extra: str, check: bool = True, name: str | None = None) -> PlaybookRun:
-    """Run ansible-playbook from the project root; keep its log as an artifact."""
+def run_playbook(
+    playbook: str, *extra: str, check: bool = True, name: str | None = None, env: dict[str, str] | None = None
+) -> PlaybookRun:
+    """Run ansible-playbook from the project root; keep its log as an artifact.
+
+    env, when given, is the whole environment of the run (e.g. one pointing at
+    a local EC2 API); the process's own environment is never changed."""
     args = [str(VENV_BIN / "ansible-playbook"), playbook, *extra]
-    env = dict(os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", PY_COLORS="0")
+    env = dict(env if env is not None else os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", PY_COLORS="0")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     output = proc.stdout + proc.stderr
     if name:
