@@ -310,6 +310,30 @@ def test_systemd_restarts_a_killed_worker(cluster):
         client.close()
 
 
+def test_scale_down_retires_workers_without_losing_data(cluster):
+    """Scattered data has no lineage: if a worker were killed instead of
+    retired through the scheduler, its share would be gone for good."""
+    import numpy as np
+
+    client = client_for(cluster["info"])
+    try:
+        blocks = [np.full(1000, i, dtype="int64") for i in range(40)]
+        futures = client.scatter(blocks)
+        holders = {addr for addrs in client.who_has(futures).values() for addr in addrs}
+        assert len(holders) == WORKERS, "the data should start out on every worker"
+
+        run = run_playbook("site.yml", *SITE_ARGS, "-e", "worker_count=1", name="site-scale-down")
+        assert f"dask-{CLUSTER}-worker-2" not in docker_objects("container", CLUSTER)
+        assert "Retire the workers" in run.output
+
+        wait_for_workers(client, 1, timeout=60)
+        names = {w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
+        assert names == {WORKER_1}
+        assert [int(b[0]) for b in client.gather(futures)] == list(range(40))
+    finally:
+        client.close()
+
+
 def test_teardown_removes_everything_and_can_run_twice(cluster):
     teardown(name="teardown-1")
     assert docker_objects("container", CLUSTER) == []
