@@ -33,7 +33,7 @@ def test_molecule_scenario(role):
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0", PY_COLORS="0",
                NO_COLOR="1")
     env.setdefault("EXTRA_CA_BUNDLE", os.environ.get("SSL_CERT_FILE", ""))
-    (ROOT / ".cache" / "molecule-uv").mkdir(parents=True, exist_ok=True)
+    (ROOT / ".cache" / "uv").mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([str(VENV_BIN / "molecule"), "test"], cwd=ROOT / "roles" / role, env=env,
                           capture_output=True, text=True, timeout=1200)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
