@@ -54,6 +54,12 @@ def test_role_unit_templates_are_hardened(role):
     for unit in (ROOT / "roles" / role / "templates").rglob("*.service.j2"):
         text = unit.read_text()
         assert text.startswith("{{ ansible_managed | comment }}"), unit
+        if unit.name.endswith("-idle-shutdown.service.j2"):
+            # The one root unit: it runs nothing of Dask's, only rm and poweroff.
+            commands = [line.split("=", 1)[1].split()[0] for line in text.splitlines() if line.startswith("ExecStart=")]
+            assert commands == ["/usr/bin/rm", "/usr/bin/systemctl"], unit
+            assert "Type=oneshot" in text
+            continue
         for directive in ("User=", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
                           "ReadWritePaths=", "PrivateTmp=yes", "ProtectHome=yes", "LimitNOFILE="):
             assert directive in text, f"{unit.name} lacks {directive}"
@@ -148,3 +154,12 @@ def test_gitignore_keeps_cluster_state_and_keys_out():
                ".aws/credentials", "credentials"]
     proc = subprocess.run(["git", "check-ignore", "--no-index", *ignored], cwd=ROOT, capture_output=True, text=True)
     assert sorted(proc.stdout.split()) == sorted(ignored)
+
+
+def test_misspelled_setting_is_refused_with_a_suggestion():
+    run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "worker_cuont=3", check=False)
+    assert run.returncode != 0
+    assert "'worker_cuont' is not a setting of this toolkit: did you mean worker_count?" in run.output
+    # Role variables passed on purpose are not typos.
+    run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "dask_worker_nthreads=3")
+    assert run.returncode == 0
