@@ -9,6 +9,7 @@ spot capacity and its fallback, real AMIs, real IAM evaluation of every call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -73,17 +74,16 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def aws(tmp_path_factory):
-    """moto_server on a free local port; yields the environment for the playbooks."""
-    state = tmp_path_factory.mktemp("moto")
+@contextlib.contextmanager
+def moto_server(state: Path, **extra_env: str):
+    """moto_server on a free local port with the realistic AMIs; yields its endpoint URL."""
     amis = state / "amis.json"
     amis.write_text(json.dumps(AMIS))
     port = _free_port()
     log = (state / "moto.log").open("w")
     server = subprocess.Popen(
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env=dict(_clean_env(), MOTO_AMIS_PATH=str(amis)), stdout=log, stderr=subprocess.STDOUT,
+        env=dict(_clean_env(), MOTO_AMIS_PATH=str(amis), **extra_env), stdout=log, stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30
@@ -95,17 +95,23 @@ def aws(tmp_path_factory):
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError(f"moto_server did not start: {(state / 'moto.log').read_text()}")
                 time.sleep(0.2)
-        env = dict(
-            _clean_env(),
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-            AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-            AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION,
-        )
-        yield env
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def aws_env(endpoint: str, key_id: str = "testing", secret: str = "testing") -> dict[str, str]:
+    return dict(_clean_env(), AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=key_id, AWS_SECRET_ACCESS_KEY=secret,
+                AWS_REGION=REGION, AWS_DEFAULT_REGION=REGION)
+
+
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    """moto_server on a free local port; yields the environment for the playbooks."""
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield aws_env(endpoint)
 
 
 def ec2(env):
@@ -386,3 +392,71 @@ def test_iam_policy_allows_every_call_the_playbooks_make():
     missing = set().union(*(MODULE_ACTIONS[m] for m in used)) - allowed
     assert not missing, f"the policy lacks {sorted(missing)}"
     assert "ec2:DescribeInstances" in allowed  # the aws inventory
+
+
+def as_moto_evaluates(policy: dict) -> dict:
+    """The policy with every statement's Resource "*", all else (actions, effects, conditions) as shipped.
+
+    moto authorizes every EC2 request against the resource "*" (it works out no
+    ARN: moto/core/responses.py call_action; only iam and sts have a
+    _determine_resource), so a statement scoped to ARNs can never match there."""
+    return {**policy, "Statement": [{**statement, "Resource": "*"} for statement in policy["Statement"]]}
+
+
+def refused(call) -> str:
+    """The error code of a call that must be refused."""
+    try:
+        call()
+    except boto3.session.botocore.exceptions.ClientError as error:
+        return error.response["Error"]["Code"]
+    pytest.fail("the call was allowed")
+
+
+def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
+    """provision.yml and teardown.yml with only a user's keys whose one policy is the shipped one.
+
+    moto enforces IAM once INITIAL_NO_AUTH_ACTION_COUNT requests (the set-up
+    below, made as root) are spent: every later request must be signed by a
+    known user's key and its action allowed by that user's policies."""
+    shipped = json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text())
+    users = {"dask-shipped": shipped, "dask-moto-view": as_moto_evaluates(shipped)}
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT=str(4 * len(users))) as endpoint:
+        root = boto3.client("iam", region_name=REGION, endpoint_url=endpoint,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        envs = {}
+        for user, document in users.items():  # 4 requests each
+            root.create_user(UserName=user)
+            arn = root.create_policy(PolicyName=user, PolicyDocument=json.dumps(document))["Policy"]["Arn"]
+            root.attach_user_policy(UserName=user, PolicyArn=arn)
+            key = root.create_access_key(UserName=user)["AccessKey"]
+            envs[user] = aws_env(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        env = envs["dask-moto-view"]
+
+        def client(service, user="dask-moto-view"):
+            return boto3.client(service, region_name=REGION, endpoint_url=endpoint,
+                                aws_access_key_id=envs[user]["AWS_ACCESS_KEY_ID"],
+                                aws_secret_access_key=envs[user]["AWS_SECRET_ACCESS_KEY"])
+
+        # Enforcement is on: the root keys are now unknown, and what the policy lacks is refused.
+        assert refused(lambda: root.list_users()) == "InvalidClientTokenId"
+        assert refused(lambda: ec2(aws_env(endpoint)).describe_vpcs()) == "AuthFailure"
+        default_vpc = client("ec2").describe_vpcs()["Vpcs"][0]["VpcId"]
+        assert refused(lambda: client("ec2").delete_vpc(VpcId=default_vpc)) == "AccessDenied"
+        assert refused(lambda: client("iam").create_user(UserName="intruder")) == "AccessDenied"
+        # The policy exactly as shipped: moto refuses its ARN-scoped creates (see as_moto_evaluates).
+        # If this starts to pass, moto evaluates resources and the test should use `shipped` itself.
+        assert refused(lambda: client("ec2", "dask-shipped").create_security_group(
+            GroupName="probe", Description="probe")) == "AccessDenied"
+
+        log = tmp_path / "moto.log"
+        start = len(log.read_text())
+        run_playbook("playbooks/provision.yml", *BASE_ARGS, "-e", "cluster_name=awsiam", "-e", "worker_count=1",
+                     env=env, name="aws-iam-provision")
+        assert sorted(instances(env, "awsiam")) == ["dask-awsiam-scheduler", "dask-awsiam-worker-1"]
+        run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=awsiam", env=env, name="aws-iam-teardown")
+        assert leftovers(env, "awsiam") == nothing_left(env, "awsiam")
+        assert not (ROOT / ".clusters" / "awsiam").exists()
+        # Not one request of the playbooks was refused, not even one a module would have tolerated.
+        during = log.read_text()[start:]
+        assert " 403 " not in during and " 401 " not in during, during
+        assert refused(lambda: client("iam").create_user(UserName="intruder")) == "AccessDenied"
