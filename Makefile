@@ -3,6 +3,7 @@
 #   make demo        local cluster "demo" (1 scheduler, 2 workers, Jupyter Lab)
 #   make demo-down   remove it
 #   make test        everything needed, then the whole test suite (CI runs this)
+#   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
 
 SHELL := /bin/bash
 VENV := .venv
@@ -15,7 +16,7 @@ CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
 
-.PHONY: help setup docker image demo demo-down lint molecule test test-static clean
+.PHONY: help setup docker image demo demo-down lint molecule test test-static bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -60,6 +61,10 @@ endif
 ## Everything
 test: setup image
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
+
+## Benchmark (slow, noisy: not part of make test): make bench BENCH_ARGS="--runs 1"
+bench: setup image
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/python scripts/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache
