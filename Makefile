@@ -2,6 +2,7 @@
 #
 #   make demo        local cluster "demo" (1 scheduler, 2 workers, Jupyter Lab)
 #   make demo-down   remove it
+#   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
 #   make test        everything needed, then the whole test suite (CI runs this)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
 
@@ -16,7 +17,7 @@ CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
 
-.PHONY: help setup docker image demo demo-down lint molecule test test-static bench clean
+.PHONY: help setup docker image demo demo-down status lint molecule test test-static bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -41,6 +42,10 @@ demo: setup image
 
 demo-down: setup docker
 	$(PLAYBOOK) teardown.yml -e provider=docker -e cluster_name=$(CLUSTER)
+
+## AWS: every cluster and leftover of this toolkit, priced (read-only; no provider needed)
+status: setup
+	$(PLAYBOOK) playbooks/status.yml $(if $(strip $(REGIONS)),-e regions=$(REGIONS),)
 
 lint: setup
 	$(VENV)/bin/yamllint --strict .

@@ -371,6 +371,9 @@ MODULE_ACTIONS = {
                      "ec2:DescribeSubnets", "ec2:CreateTags", "ec2:DeleteTags", "ec2:DescribeInstanceStatus",
                      "ec2:ModifyInstanceMetadataOptions", "iam:PassRole"},
     "ec2_instance_info": {"ec2:DescribeInstances"},
+    # state: absent only (teardown deletes a cluster's unattached volumes)
+    "ec2_vol": {"ec2:DescribeVolumes", "ec2:DeleteVolume"},
+    "ec2_vol_info": {"ec2:DescribeVolumes"},
 }
 
 
