@@ -3,6 +3,7 @@
 #   make demo        local cluster "demo" (1 scheduler, 2 workers, Jupyter Lab)
 #   make demo-down   remove it
 #   make test        everything needed, then the whole test suite (CI runs this)
+#   make browser     the cluster tests, Jupyter Lab in Chromium among them
 
 SHELL := /bin/bash
 VENV := .venv
@@ -15,7 +16,7 @@ CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
 
-.PHONY: help setup docker image demo demo-down lint molecule test test-static clean
+.PHONY: help setup docker image chromium demo demo-down lint molecule test test-static browser clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -34,6 +35,10 @@ docker:
 ## The local provider's base image (debootstrap when no registry answers)
 image: docker
 	scripts/build-base-image
+
+## Chromium and certutil from the distribution's packages (the browser test)
+chromium:
+	scripts/ensure-chromium
 
 demo: setup image
 	$(PLAYBOOK) site.yml -e provider=docker -e cluster_name=$(CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG)
@@ -57,8 +62,12 @@ else
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_molecule.py
 endif
 
+## The local cluster's tests, the browser test among them (one cluster, ~12 min)
+browser: setup image chromium
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_cluster.py
+
 ## Everything
-test: setup image
+test: setup image chromium
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
 
 clean:
