@@ -282,7 +282,9 @@ def run_in_kernel(info, code: str, timeout: float = 120, kernel_name: str = "pyt
                 stdout.append(msg["content"]["text"])
             elif kind == "error":
                 raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
-            elif kind == "execute_reply":
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                # Idle on iopub comes after all of the request's output; the
+                # shell channel's execute_reply may overtake the output.
                 return "".join(stdout)
         raise AssertionError("no reply from the kernel in time")
     finally:
@@ -465,18 +467,22 @@ def test_browser_shows_the_dask_panels_with_live_plots(lab):
         frame = iframe.element_handle().content_frame()
         frame.wait_for_function("() => window.Bokeh && window.Bokeh.documents.length > 0")
         frames[title] = frame
-    def last_task_start():
-        starts = [s["start"] for s in frames["Task Stream"].evaluate(BOKEH_STATE_JS)["sources"] if "start" in s]
-        return max((max(s) for s in starts if s), default=0)
+    def task_rectangles():
+        """The Task Stream's rectangles: one per task that ran, with its worker."""
+        sources = frames["Task Stream"].evaluate(BOKEH_STATE_JS)["sources"]
+        rectangles = [s for s in sources if {"start", "worker", "name"} <= s.keys()]
+        assert len(rectangles) == 1, [sorted(s) for s in sources]
+        return rectangles[0]
 
-    before = last_task_start()
+    before = set(zip(task_rectangles()["start"], task_rectangles()["worker"]))
     page.click(f"#jp-main-dock-panel .lm-TabBar-tab:has-text('{NOTEBOOK}')")
     run_all_cells(page)
-    # Live: the task stream received the tasks that just ran, from every worker.
+    # Live: the open panel received the tasks that just ran (the keys repeat,
+    # the notebook's data are seeded, but each task has a start time of its own).
     deadline = time.monotonic() + 30
-    while last_task_start() <= before and time.monotonic() < deadline:
+    while not set(zip(task_rectangles()["start"], task_rectangles()["worker"])) - before:
+        assert time.monotonic() < deadline, "the Task Stream panel did not receive the new tasks"
         time.sleep(0.5)
-    assert last_task_start() > before, "the Task Stream panel did not receive the new tasks"
     page.locator(".jp-CodeCell").filter(has_text="Array sum").first.scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
     page.screenshot(path=ARTIFACTS / "jupyterlab-dask-panels.png")
