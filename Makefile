@@ -5,6 +5,7 @@
 #   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
 #   make test        everything needed, then the whole test suite (CI runs this)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
+#   make browser     the cluster tests, Jupyter Lab in Chromium among them
 
 SHELL := /bin/bash
 VENV := .venv
@@ -17,7 +18,7 @@ CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
 
-.PHONY: help setup docker image demo demo-down status lint molecule test test-static bench clean
+.PHONY: help setup docker image chromium demo demo-down status lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -36,6 +37,10 @@ docker:
 ## The local provider's base image (debootstrap when no registry answers)
 image: docker
 	scripts/build-base-image
+
+## Chromium and certutil from the distribution's packages (the browser test)
+chromium:
+	scripts/ensure-chromium
 
 demo: setup image
 	$(PLAYBOOK) site.yml -e provider=docker -e cluster_name=$(CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG)
@@ -63,8 +68,12 @@ else
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_molecule.py
 endif
 
+## The local cluster's tests, the browser test among them (one cluster, ~12 min)
+browser: setup image chromium
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_cluster.py
+
 ## Everything
-test: setup image
+test: setup image chromium
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
 
 ## Benchmark (slow, noisy: not part of make test): make bench BENCH_ARGS="--runs 1"

@@ -4,7 +4,10 @@ Jupyter server and kernel, idempotence, check mode, teardown."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import shutil
 import socket
 import ssl
 import stat
@@ -25,9 +28,31 @@ pytestmark = [
     pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
 ]
 
+
+
+def controller_address() -> str:
+    """An address of this machine that the cluster's containers reach (through Docker's NAT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 9))  # UDP: nothing is sent, the route picks the source address
+            return probe.getsockname()[0]
+        except OSError:
+            return "172.17.0.1"  # docker0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 CLUSTER = "citest"
 WORKERS = 2
-SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}", *extra_ca_args()]
+# The user's project (jupyter_project_repo), served by `git daemon` on this machine.
+PROJECT = "citest-analysis"
+PROJECT_URL = f"git://{controller_address()}:{free_port()}/{PROJECT}.git"
+SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}",
+             "-e", f"jupyter_project_repo={PROJECT_URL}", *extra_ca_args()]
 STATE = ROOT / ".clusters" / CLUSTER
 ARTIFACTS_SCORES = ARTIFACTS / "systemd-exposure.txt"
 SCHEDULER = f"dask-{CLUSTER}-scheduler"
@@ -39,7 +64,39 @@ def teardown(cluster: str = CLUSTER, name: str = "teardown"):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def project_repo(tmp_path_factory):
+    """A small uv project in a git repository that the cluster clones over the network."""
+    root = tmp_path_factory.mktemp("git")
+    work = root / "work"
+    work.mkdir()
+    (work / "pyproject.toml").write_text(
+        f'[project]\nname = "{PROJECT}"\nversion = "0.1.0"\nrequires-python = ">=3.11"\ndependencies = ["six"]\n')
+    (work / "analysis.py").write_text("import six\n")
+    git = ["git", "-c", "user.name=citest", "-c", "user.email=citest@example.invalid", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "A project"]):
+        subprocess.run([*git, *args], cwd=work, check=True, capture_output=True)
+    subprocess.run([*git, "clone", "-q", "--bare", str(work), str(root / f"{PROJECT}.git")], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    port = PROJECT_URL.rsplit(":", 1)[1].split("/", 1)[0]
+    daemon = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={root}",
+                               "--listen=0.0.0.0", f"--port={port}", str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if subprocess.run(["git", "ls-remote", PROJECT_URL], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"git daemon does not serve {PROJECT_URL}")
+        yield {"url": PROJECT_URL, "commit": commit}
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(project_repo):
     """A fresh cluster, built once for this module and always torn down."""
     teardown(name="teardown-before")
     try:
@@ -193,13 +250,13 @@ def test_plain_tcp_to_the_scheduler_is_refused(cluster):
         Client(plain, timeout=5)
 
 
-def run_in_kernel(info, code: str, timeout: float = 120) -> str:
+def run_in_kernel(info, code: str, timeout: float = 120, kernel_name: str = "python3") -> str:
     """Start a kernel through Jupyter's REST API, run code, return its stdout."""
     token = Path(info["jupyter_token_file"]).read_text().strip()
     base = info["jupyter_url"].removesuffix("/lab")
     auth = {"Authorization": f"token {token}"}
     ca = info["jupyter_ca_file"]
-    kernel = requests.post(f"{base}/api/kernels", headers=auth, json={"name": "python3"}, verify=ca, timeout=30)
+    kernel = requests.post(f"{base}/api/kernels", headers=auth, json={"name": kernel_name}, verify=ca, timeout=30)
     assert kernel.status_code == 201, kernel.text
     kernel_id = kernel.json()["id"]
     ws = websocket.create_connection(
@@ -225,7 +282,9 @@ def run_in_kernel(info, code: str, timeout: float = 120) -> str:
                 stdout.append(msg["content"]["text"])
             elif kind == "error":
                 raise AssertionError("kernel error: " + "\n".join(msg["content"]["traceback"]))
-            elif kind == "execute_reply":
+            elif kind == "status" and msg["content"]["execution_state"] == "idle":
+                # Idle on iopub comes after all of the request's output; the
+                # shell channel's execute_reply may overtake the output.
                 return "".join(stdout)
         raise AssertionError("no reply from the kernel in time")
     finally:
@@ -250,6 +309,202 @@ def test_kernel_client_without_arguments_joins_this_cluster(cluster):
     assert lines["WORKERS"] == str(WORKERS)
     assert lines["RESULT"] == "5050"
     assert lines["VERSION"] == cluster["info"]["dask_version"]
+
+
+def test_project_repository_is_cloned_and_is_a_kernel(cluster, project_repo):
+    info = cluster["info"]
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    api = info["jupyter_url"].removesuffix("/lab") + "/api"
+    specs = jupyter_get(info, f"{api}/kernelspecs", headers={"Authorization": f"token {token}"}).json()["kernelspecs"]
+    assert f"project-{PROJECT}" in specs, sorted(specs)
+    assert specs[f"project-{PROJECT}"]["spec"]["display_name"] == f"Python ({PROJECT})"
+    clone = f"/var/lib/dask/notebooks/{PROJECT}"
+    assert docker_exec(SCHEDULER, "stat", "-c", "%U", clone).stdout.strip() == "dask"
+    head = docker_exec(SCHEDULER, "runuser", "-u", "dask", "--", "git", "-C", clone, "rev-parse", "HEAD")
+    assert head.stdout.strip() == project_repo["commit"], head.stderr
+    out = run_in_kernel(info, "import sys, six\nprint(sys.prefix)\nprint(six.__name__)", kernel_name=f"project-{PROJECT}")
+    assert out.split() == [f"{clone}/.venv", "six"]
+
+
+# ---- Jupyter Lab in a real browser: the distribution's Chromium driven by Playwright ----
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+NOTEBOOK = "getting-started.ipynb"
+PANELS = {"Task Stream": "individual-task-stream", "Progress": "individual-progress",
+          "Workers Memory": "individual-workers-memory"}
+# What a bokeh page in a panel shows: the size of every canvas (bokeh draws
+# into shadow DOM) and the columns of its data sources.
+BOKEH_STATE_JS = """() => {
+    const canvases = [];
+    const walk = (root) => {
+        for (const el of root.querySelectorAll('*')) {
+            if (el.tagName === 'CANVAS') {
+                const box = el.getBoundingClientRect();
+                canvases.push([box.width, box.height]);
+            }
+            if (el.shadowRoot) walk(el.shadowRoot);
+        }
+    };
+    walk(document);
+    const sources = [];
+    for (const doc of (window.Bokeh ? window.Bokeh.documents : [])) {
+        for (const model of doc.all_models) {
+            if (model.type !== 'ColumnDataSource') continue;
+            const data = model.data instanceof Map ? Object.fromEntries(model.data) : model.data;
+            sources.push(Object.fromEntries(Object.entries(data).map(([k, v]) => [k, Array.from(v)])));
+        }
+    }
+    return {canvases, sources};
+}"""
+
+
+@pytest.fixture(scope="module")
+def lab(cluster, tmp_path_factory):
+    """A logged-in Jupyter Lab page in headless Chromium that trusts the cluster's CA."""
+    if not (Path(CHROMIUM).is_file() and shutil.which("certutil")):
+        pytest.fail(f"no Chromium at {CHROMIUM} or no certutil: run scripts/ensure-chromium (make test does)")
+    from playwright.sync_api import sync_playwright
+
+    info = cluster["info"]
+    # Trust the cluster's CA the way a user imports it: into the NSS database
+    # Chromium reads from $HOME/.pki/nssdb. No certificate error is ignored.
+    home = tmp_path_factory.mktemp("chromium-home")
+    nssdb = f"sql:{home}/.pki/nssdb"
+    (home / ".pki" / "nssdb").mkdir(parents=True)
+    subprocess.run(["certutil", "-d", nssdb, "-N", "--empty-password"], check=True)
+    subprocess.run(["certutil", "-d", nssdb, "-A", "-t", "C,,", "-n", f"dask-{CLUSTER} CA",
+                    "-i", info["jupyter_ca_file"]], check=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            # Chromium's sandbox refuses to run as root.
+            args=["--no-sandbox"] if os.geteuid() == 0 else [],
+            env={**os.environ, "HOME": str(home)},
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield {"page": page, "info": info, "base": info["jupyter_url"].removesuffix("/lab")}
+        finally:
+            browser.close()
+
+
+def run_all_cells(page, timeout_ms: int = 300_000):
+    """Run → Run All Cells, as a user would; wait until every code cell ran (or one failed)."""
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()
+    page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+    page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+    page.wait_for_function("""() => {
+        if (document.querySelector('.jp-Notebook [data-mime-type="application/vnd.jupyter.error"]')) return true;
+        const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
+        return prompts.length > 0 && prompts.every(p => /^\\[\\d+\\]:$/.test(p.textContent.trim()));
+    }""", timeout=timeout_ms)
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for()
+    errors = page.locator('.jp-Notebook [data-mime-type="application/vnd.jupyter.error"]')
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def test_browser_logs_in_and_runs_the_getting_started_notebook(lab):
+    import dask
+    import dask.datasets
+
+    page, info, base = lab["page"], lab["info"], lab["base"]
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    # The login page, the way a user gets there: the URL from the summary.
+    page.goto(info["jupyter_url"])
+    assert "/login" in page.url
+    page.fill("#password_input", token)
+    page.screenshot(path=ARTIFACTS / "jupyterlab-login.png")
+    page.click("#login_submit")
+    page.wait_for_selector(".jp-LabShell")
+    assert page.url.startswith(info["jupyter_url"])
+    # The notebook the toolkit put there, in a fresh workspace (no restored layout).
+    page.goto(f"{base}/lab/workspaces/citest-{uuid.uuid4().hex[:8]}/tree/{NOTEBOOK}")
+    page.wait_for_selector(".jp-Notebook .jp-CodeCell")
+    run_all_cells(page)
+    page.screenshot(path=ARTIFACTS / "jupyterlab-notebook.png")
+
+    outputs = "\n".join(page.locator(".jp-Notebook .jp-CodeCell .jp-OutputArea").all_inner_texts())
+    assert f"Scheduler: {info['scheduler_address']}" in outputs, outputs
+    assert re.search(rf"Workers\s*: {WORKERS} with \d+ threads", outputs), outputs
+    assert f"Dashboard: {info['dashboard_url']}/status" in outputs, outputs
+    # The same computation here, without the cluster: the workers' result must agree.
+    df = dask.datasets.timeseries(start="2000-01-01", end="2000-01-31", freq="1s", seed=42)
+    rows, x_sum = dask.compute(df.shape[0], df.x.sum(), scheduler="sync")
+    assert f"Rows : {rows}" in outputs, outputs
+    shown = float(re.search(r"Sum x: (\S+)", outputs).group(1))
+    assert math.isclose(shown, float(x_sum), rel_tol=1e-9), (shown, float(x_sum))
+    for name in ("Alice", "Bob", "Charlie", "Dan", "Edith"):  # the groupby's first rows
+        assert re.search(rf"^{name}\s+-?0\.\d+$", outputs, re.MULTILINE), outputs
+    n = 4000 * 4000  # x holds 0 … n-1 and so does x.T: the sum is 2 · n(n-1)/2
+    assert f"Array sum: {n * (n - 1)}" in outputs, outputs
+
+
+def test_browser_shows_the_dask_panels_with_live_plots(lab):
+    page, info, base = lab["page"], lab["info"], lab["base"]
+    if ".jp-Notebook" not in page.content():  # run alone: log in and open the notebook
+        test_browser_logs_in_and_runs_the_getting_started_notebook(lab)
+    client = client_for(info)
+    try:
+        worker_addresses = set(client.scheduler_info(n_workers=-1)["workers"])
+    finally:
+        client.close()
+    assert len(worker_addresses) == WORKERS
+
+    if not page.locator("#dask-dashboard-launcher").is_visible():
+        page.click(".jp-SideBar .lm-TabBar-tab[data-id='dask-dashboard-launcher']")
+    # The plot buttons appear only once the extension has found a dashboard
+    # at its URL: Jupyter's proxy, same origin as Lab (HTTPS, logged in).
+    for title in PANELS:
+        page.click(f".dask-DashboardListing-item button[value='{title}']")
+    frames = {}
+    for title, path in PANELS.items():
+        page.click(f"#jp-main-dock-panel .lm-TabBar-tab:has-text('{title}')")
+        iframe = page.locator(f"iframe[src$='/{path}']")
+        iframe.wait_for()
+        assert iframe.get_attribute("src") == f"{base}/proxy/8787/{path}"
+        frame = iframe.element_handle().content_frame()
+        frame.wait_for_function("() => window.Bokeh && window.Bokeh.documents.length > 0")
+        frames[title] = frame
+    def task_rectangles():
+        """The Task Stream's rectangles: one per task that ran, with its worker."""
+        sources = frames["Task Stream"].evaluate(BOKEH_STATE_JS)["sources"]
+        rectangles = [s for s in sources if {"start", "worker", "name"} <= s.keys()]
+        assert len(rectangles) == 1, [sorted(s) for s in sources]
+        return rectangles[0]
+
+    before = set(zip(task_rectangles()["start"], task_rectangles()["worker"]))
+    page.click(f"#jp-main-dock-panel .lm-TabBar-tab:has-text('{NOTEBOOK}')")
+    run_all_cells(page)
+    # Live: the open panel received the tasks that just ran (the keys repeat,
+    # the notebook's data are seeded, but each task has a start time of its own).
+    deadline = time.monotonic() + 30
+    while not set(zip(task_rectangles()["start"], task_rectangles()["worker"])) - before:
+        assert time.monotonic() < deadline, "the Task Stream panel did not receive the new tasks"
+        time.sleep(0.5)
+    page.locator(".jp-CodeCell").filter(has_text="Array sum").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=ARTIFACTS / "jupyterlab-dask-panels.png")
+
+    for title, frame in frames.items():
+        page.click(f"#jp-main-dock-panel .lm-TabBar-tab:has-text('{title}')")
+        page.wait_for_timeout(1000)
+        state = frame.evaluate(BOKEH_STATE_JS)
+        assert any(w > 100 and h > 100 for w, h in state["canvases"]), (title, state["canvases"])
+        if title == "Task Stream":
+            rectangles = next(s for s in state["sources"] if "worker" in s and "name" in s)
+            assert set(rectangles["worker"]) == worker_addresses
+            assert "timeseries" in rectangles["name"], sorted(set(rectangles["name"]))
+        if title == "Workers Memory":
+            bars = next(s for s in state["sources"] if "worker" in s)
+            assert set(bars["worker"]) == worker_addresses
+        page.screenshot(path=ARTIFACTS / f"jupyterlab-panel-{PANELS[title]}.png")
+    # Save (as a user would) and leave: no autosave may touch the notebook later.
+    page.click(f"#jp-main-dock-panel .lm-TabBar-tab:has-text('{NOTEBOOK}')")
+    page.keyboard.press("Control+s")
+    page.wait_for_timeout(2000)
+    page.goto("about:blank")
 
 
 @pytest.mark.parametrize(("container", "unit"), [
@@ -277,8 +532,17 @@ def test_units_have_a_low_systemd_exposure_score(cluster, container, unit):
 
 
 def test_second_run_changes_nothing(cluster):
+    # The user's edit of the getting-started notebook must survive the re-run.
+    notebook = f"/var/lib/dask/notebooks/{NOTEBOOK}"
+    edit = uuid.uuid4().hex
+    docker_exec(SCHEDULER, "runuser", "-u", "dask", "--", "/opt/dask/venv/bin/python", "-c",
+                "import json, sys; nb = json.load(open(sys.argv[1])); "
+                "nb['cells'].append({'cell_type': 'markdown', 'id': sys.argv[2], 'metadata': {}, 'source': [sys.argv[2]]}); "
+                "json.dump(nb, open(sys.argv[1], 'w'))", notebook, edit)
+    assert edit in docker_exec(SCHEDULER, "cat", notebook).stdout
     run = run_playbook("site.yml", *SITE_ARGS, name="site-second-run")
     assert run.changed == 0, run.changed_tasks()
+    assert edit in docker_exec(SCHEDULER, "cat", notebook).stdout, "the re-run replaced the user's notebook"
 
 
 def test_check_mode_reports_a_pending_change_without_making_it(cluster):

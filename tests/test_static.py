@@ -93,6 +93,7 @@ BAD_INPUTS = [
     (["-e", "provider=gcp"], "provider"),
     (["-e", "jupyter_port=8786"], "must be three different ports"),
     (["-e", "extra_ca_bundle=/nonexistent/ca.pem"], "is not a file on this machine"),
+    (["-e", "jupyter_project_repo=my project"], "jupyter_project_repo must be a git URL"),
 ]
 
 
@@ -163,3 +164,25 @@ def test_misspelled_setting_is_refused_with_a_suggestion():
     # Role variables passed on purpose are not typos.
     run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "dask_worker_nthreads=3")
     assert run.returncode == 0
+
+
+def test_getting_started_notebook_is_valid_and_has_no_outputs():
+    """Outputs stay out of the repository; the notebook joins the cluster with what the toolkit wrote."""
+    import json
+
+    notebook = json.loads((ROOT / "notebooks" / "getting-started.ipynb").read_text())
+    assert notebook["nbformat"] == 4 and notebook["nbformat_minor"] >= 5
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+    ids = [cell["id"] for cell in notebook["cells"]]
+    assert len(ids) == len(set(ids))
+    code = []
+    for cell in notebook["cells"]:
+        assert cell["cell_type"] in ("markdown", "code"), cell
+        assert isinstance(cell["source"], list) and all(isinstance(line, str) for line in cell["source"])
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, "clear the outputs before committing"
+            code.append("".join(cell["source"]))
+    source = "\n".join(code)
+    assert "client = Client()" in source  # no address, no certificates: $DASK_CONFIG on the machine
+    assert not re.search(r"(tls|tcp)://|[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+", source)
+    assert "storage_options" in source and "READ_FROM_S3 = False" in source
