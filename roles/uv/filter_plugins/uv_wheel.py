@@ -1,0 +1,68 @@
+"""Pick uv's wheel for a machine from a package index's project page.
+
+The page is the index's "simple" page of the project uv, in either form an
+index may serve: PEP 691 JSON or PEP 503 HTML (PyPI serves both; many
+mirrors only HTML). Both give each file's URL and its sha256, so the wheel
+can be downloaded on the machine and checked before it is unpacked.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from urllib.parse import urldefrag, urljoin
+
+from ansible.errors import AnsibleFilterError
+
+# <a href="URL#sha256=HASH" ...>FILENAME</a>, as PEP 503 describes it.
+_ANCHOR = re.compile(r"<a\s[^>]*?href=\"([^\"]+)\"[^>]*>\s*([^<]+?)\s*</a>", re.IGNORECASE)
+
+
+def _files(page: str, page_url: str) -> list[dict]:
+    """Every file of the page as {filename, url, sha256} (sha256 may be None)."""
+    text = page.lstrip()
+    if text.startswith("{"):
+        files = []
+        for entry in json.loads(text).get("files", []):
+            files.append({"filename": entry["filename"], "url": urljoin(page_url, entry["url"]),
+                          "sha256": entry.get("hashes", {}).get("sha256")})
+        return files
+    files = []
+    for href, name in _ANCHOR.findall(text):
+        url, fragment = urldefrag(urljoin(page_url, html.unescape(href)))
+        algorithm, _, digest = fragment.partition("=")
+        files.append({"filename": html.unescape(name), "url": url,
+                      "sha256": digest.lower() if algorithm == "sha256" else None})
+    return files
+
+
+def uv_wheel(page: str, page_url: str, version: str, architecture: str) -> dict:
+    """The manylinux wheel of uv `version` for `architecture` (x86_64,
+    aarch64...) with its sha256; the one that needs the oldest glibc when
+    several fit."""
+    if not isinstance(page, str) or not page.strip():
+        raise AnsibleFilterError(f"uv_wheel: the package index answered nothing at {page_url}")
+    try:
+        files = _files(page, page_url)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AnsibleFilterError(f"uv_wheel: cannot read the package index page {page_url}: {exc}") from exc
+    pattern = re.compile(
+        rf"^uv-{re.escape(version)}-py3-none-(?:[^-]*\.)?manylinux_(\d+)_(\d+)_{re.escape(architecture)}(?:\.[^-]*)?\.whl$"
+    )
+    candidates = []
+    for entry in files:
+        match = pattern.match(entry["filename"])
+        if match and entry["sha256"]:
+            candidates.append(((int(match.group(1)), int(match.group(2))), entry))
+    if not candidates:
+        raise AnsibleFilterError(
+            f"uv_wheel: {page_url} lists no manylinux wheel of uv {version} for {architecture} "
+            f"with a sha256 (is uv_version right, and does the index carry uv?)"
+        )
+    return min(candidates, key=lambda candidate: candidate[0])[1]
+
+
+class FilterModule:
+    def filters(self):
+        return {"uv_wheel": uv_wheel}
