@@ -331,6 +331,9 @@ BAD_INPUTS = [
     ({}, ["-e", '{"allowed_cidrs": ["0.0.0.0/0"]}'], "allow_world_open=true"),
     ({}, ["-e", '{"allowed_cidrs": ["10.0.0.300/32"]}'], "allowed_cidrs must be IPv4 networks"),
     ({}, ["-e", "os_family=windows"], "os_family"),
+    ({}, ["-e", "aws_private_network=true"], "aws_private_network=true needs vpc_subnet_id"),
+    ({}, ["-e", '{"aws_private_network": true, "vpc_subnet_id": "subnet-0123abcd", "allowed_cidrs": []}'],
+     "the private range of your VPN or of the VPC"),
     ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, [], "No usable AWS credentials"),
 ]
 
