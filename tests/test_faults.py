@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ARTIFACTS, ROOT, VENV_BIN, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
-from test_cluster import client_for, wait_for_workers
+from cluster_checks import client_for, wait_for_workers
 
 pytestmark = [
     pytest.mark.cluster,
@@ -101,7 +101,7 @@ def test_restarted_scheduler_gets_its_workers_back(cluster):
     finally:
         client.close()
     # Jupyter's kernels reach the restarted scheduler too.
-    from test_cluster import run_in_kernel
+    from cluster_checks import run_in_kernel
 
     out = run_in_kernel(cluster, "import distributed; c = distributed.Client(timeout=30); "
                                  "print(len(c.scheduler_info(n_workers=-1)['workers']))")

@@ -1,0 +1,361 @@
+"""The aws path end to end, as a user runs it, on the local EC2 emulator.
+
+scripts/ec2-emulator: moto_server answers the EC2 API, and every instance it
+reports pending or running is a real machine (a systemd container of the
+local provider's base image) at the instance's private address, following
+the instance's stops, starts, terminations, images and its own poweroffs.
+So site.yml -e provider=aws goes all the way: the aws_ec2 inventory's
+addresses and SSH user, the roles on those hosts, certificates for those
+addresses, a Dask client and Jupyter at them, scale-down through a real
+scheduler, idle_shutdown ending in EC2 terminations, teardown.
+
+What still differs from real EC2 (README, "What the tests prove"): machines
+boot in a second, not 30-60 s; the emulator plays cloud-init's part (key,
+default user, host keys) rather than cloud-init itself; no public addresses
+(aws_private_network); security groups and IAM conditions are not enforced
+on the traffic; instance types do not size the machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_checks import client_for, jupyter_get, run_in_kernel, wait_for_workers
+from conftest import ROOT, VENV_BIN, docker_available, extra_ca_args, run_playbook
+
+boto3 = pytest.importorskip("boto3")
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
+]
+
+EMULATOR = "dask-ec2-emulator-test"
+# Not the one `make demo-aws` uses (10.213.0.0/20), so both can run at once.
+CIDR = "10.214.0.0/20"
+REGION = "eu-west-1"
+CLUSTER = "awse2e"
+SCHEDULER = f"dask-{CLUSTER}-scheduler"
+STATE = ROOT / ".clusters" / CLUSTER
+CLUSTER_TAG = "dask-ec2-ansible:cluster"
+LIVE = ("pending", "running", "stopping", "stopped")
+
+
+def emulator_objects(kind: str) -> list[str]:
+    """The emulator's containers (with their state), networks or images that exist."""
+    if kind == "container":
+        cmd = ["docker", "ps", "-a", "--filter", f"label=dask-ec2-emulator.name={EMULATOR}",
+               "--format", "{{.Label \"dask-ec2-emulator.instance-id\"}} {{.State}}"]
+    elif kind == "network":
+        cmd = ["docker", "network", "ls", "--filter", f"name=^{EMULATOR}$", "--format", "{{.Name}}"]
+    else:
+        cmd = ["docker", "images", f"dask-ec2-emulator/{EMULATOR}", "--format", "{{.Repository}}:{{.Tag}}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return sorted(line for line in out.splitlines() if line)
+
+
+def machines() -> dict[str, str]:
+    """instance id -> container state ('running', 'exited', ...)."""
+    return dict(line.split(" ", 1) for line in emulator_objects("container"))
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The EC2 emulator as `make demo-aws` runs it, in the foreground; always stopped."""
+    state = tmp_path_factory.mktemp("ec2-emulator")
+    log = (state / "run.log").open("w")
+    process = subprocess.Popen(
+        [str(VENV_BIN / "python"), str(ROOT / "scripts" / "ec2-emulator"), "run", "--state-dir", str(state),
+         "--name", EMULATOR, "--cidr", CIDR, "--region", REGION, "--uv-cache", str(ROOT / ".cache" / "uv")],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ready = wait_until(lambda: (state / "ready.json").is_file() and json.loads((state / "ready.json").read_text())
+                           or process.poll() is not None and {"died": True}, 120, "the emulator is ready")
+        assert "died" not in ready, (state / "run.log").read_text()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | ready["env"]
+        yield {**ready, "env": env, "state": state, "process": process}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+        log.close()
+
+
+def ec2(emulator):
+    return boto3.client("ec2", region_name=REGION, endpoint_url=emulator["endpoint"],
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def instance(emulator, instance_id: str) -> dict:
+    return ec2(emulator).describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+
+def ssh(key: Path, address: str, command: str, user: str = "admin") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                           "-o", "ConnectTimeout=5", "-o", "BatchMode=yes", f"{user}@{address}", command],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def key_pair(emulator, tmp_path_factory):
+    key = tmp_path_factory.mktemp("key") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    ec2(emulator).import_key_pair(KeyName="emulator-test", PublicKeyMaterial=key.with_suffix(".pub").read_bytes())
+    return key
+
+
+def launch(emulator, image_id: str, behaviour: str = "terminate") -> dict:
+    return ec2(emulator).run_instances(
+        ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.small", KeyName="emulator-test",
+        SubnetId=emulator["subnet_id"], InstanceInitiatedShutdownBehavior=behaviour)["Instances"][0]
+
+
+def debian_ami(emulator) -> str:
+    images = ec2(emulator).describe_images(Owners=["136693071363"], Filters=[{"Name": "name", "Values": ["debian-12-*"]}])
+    return images["Images"][0]["ImageId"]
+
+
+# ---- the emulator itself: an instance is a machine --------------------------------------------------------
+
+
+def test_a_machine_follows_its_instance_through_stop_start_poweroff_and_terminate(emulator, key_pair):
+    client = ec2(emulator)
+    launched = launch(emulator, debian_ami(emulator), behaviour="stop")
+    instance_id, address = launched["InstanceId"], launched["PrivateIpAddress"]
+    assert "PublicIpAddress" not in launched, "the emulator's subnet gives no public address"
+    # Booted, reachable at its private address, the key pair's key in Debian's default user.
+    answer = wait_until(lambda: ssh(key_pair, address, "hostname -I; sudo -n true && echo sudo").stdout.split() or None,
+                        60, f"SSH to {address}")
+    assert answer == [address, "sudo"]
+
+    ssh(key_pair, address, "sudo systemctl poweroff")
+    wait_until(lambda: instance(emulator, instance_id)["State"]["Name"] == "stopped", 60,
+               "a poweroff inside stops an instance whose shutdown behaviour is stop")
+    assert machines()[instance_id] == "exited", "its disk is kept"
+
+    client.start_instances(InstanceIds=[instance_id])
+    wait_until(lambda: machines().get(instance_id) == "running", 60, "started again")
+    assert wait_until(lambda: ssh(key_pair, address, "echo back").stdout.strip() or None, 60, "SSH again") == "back"
+
+    client.stop_instances(InstanceIds=[instance_id])
+    wait_until(lambda: machines().get(instance_id) == "exited", 60, "StopInstances halts the machine")
+
+    client.terminate_instances(InstanceIds=[instance_id])
+    wait_until(lambda: instance_id not in machines(), 60, "TerminateInstances removes the machine")
+
+
+def test_an_image_of_a_machine_boots_a_copy_with_host_keys_of_its_own(emulator, key_pair):
+    client = ec2(emulator)
+    source = launch(emulator, debian_ami(emulator))
+    address = source["PrivateIpAddress"]
+    wait_until(lambda: ssh(key_pair, address, "sudo sh -c 'echo baked >/etc/baked'").returncode == 0, 60, "SSH")
+    source_host_key = ssh(key_pair, address, "cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
+
+    image_id = client.create_image(InstanceId=source["InstanceId"], Name="emulator-test-baked")["ImageId"]
+    wait_until(lambda: f"dask-ec2-emulator/{EMULATOR}:{image_id}" in emulator_objects("image"), 60,
+               "CreateImage commits the machine")
+    copy = launch(emulator, image_id)
+    try:
+        out = wait_until(lambda: ssh(key_pair, copy["PrivateIpAddress"],
+                                     "cat /etc/baked /etc/ssh/ssh_host_ed25519_key.pub").stdout.split() or None,
+                         60, "SSH to the copy")
+        assert out[0] == "baked", "the copy has what the source machine had"
+        assert out[2] != source_host_key, "every machine has host keys of its own, as cloud-init makes them"
+    finally:
+        client.terminate_instances(InstanceIds=[source["InstanceId"], copy["InstanceId"]])
+        client.deregister_image(ImageId=image_id)
+    wait_until(lambda: not {source["InstanceId"], copy["InstanceId"]} & set(machines()), 60, "both removed")
+
+
+# ---- site.yml -e provider=aws on the emulator ------------------------------------------------------------
+
+
+def site_args(emulator, *extra: str) -> list[str]:
+    return ["-e", f"@{emulator['state'] / 'vars.yml'}", "-e", f"cluster_name={CLUSTER}", *extra_ca_args(), *extra]
+
+
+def site(emulator, *extra: str, name: str):
+    return run_playbook("site.yml", *site_args(emulator, *extra), env=emulator["env"], name=name)
+
+
+def teardown(emulator, name: str):
+    return run_playbook("teardown.yml", "-e", f"@{emulator['state'] / 'vars.yml'}", "-e", f"cluster_name={CLUSTER}",
+                        env=emulator["env"], name=name)
+
+
+def cluster_instances(emulator, states=LIVE) -> dict[str, dict]:
+    """{Name tag: instance} of the cluster's instances in these states."""
+    pages = ec2(emulator).get_paginator("describe_instances").paginate(
+        Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [CLUSTER]},
+                 {"Name": "instance-state-name", "Values": list(states)}])
+    found = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    return {{t["Key"]: t["Value"] for t in i["Tags"]}["Name"]: i for i in found}
+
+
+@pytest.fixture(scope="module")
+def cluster(emulator):
+    first = site(emulator, "-e", "worker_count=2", name="aws-site-first")
+    info = json.loads((STATE / "cluster.json").read_text())
+    try:
+        yield {"emulator": emulator, "first": first, "info": info}
+    finally:
+        if emulator["process"].poll() is None:  # (the last test stops it, after a teardown of its own)
+            teardown(emulator, name="aws-site-teardown-after")
+
+
+def test_site_configures_every_machine_at_its_private_address(cluster):
+    recap = cluster["first"].recap
+    names = [SCHEDULER, f"dask-{CLUSTER}-worker-1", f"dask-{CLUSTER}-worker-2"]
+    assert set(recap) == {"localhost", *names}
+    assert all(host["failed"] == 0 and host["unreachable"] == 0 for host in recap.values())
+    assert all(recap[name]["changed"] > 0 for name in names)
+    found = cluster_instances(cluster["emulator"])
+    assert sorted(found) == sorted(names)
+    running = machines()
+    for name, inst in found.items():
+        assert inst["State"]["Name"] == "running", name
+        assert "PublicIpAddress" not in inst, f"{name}: aws_private_network gives no public address"
+        assert running[inst["InstanceId"]] == "running", name
+
+
+def test_cluster_json_names_the_private_addresses_and_the_endpoint(cluster):
+    info, found = cluster["info"], cluster_instances(cluster["emulator"])
+    assert info["provider"] == "aws"
+    assert info["aws_endpoint_url"] == cluster["emulator"]["endpoint"]
+    assert info["ssh_user"] == "admin", "Debian's default user, from the instance's ssh-user tag"
+    assert info["nodes"] == {name: inst["PrivateIpAddress"] for name, inst in found.items()}
+    assert info["scheduler_address"] == f"tls://{found[SCHEDULER]['PrivateIpAddress']}:8786"
+    assert info["jupyter_url"] == f"https://{found[SCHEDULER]['PrivateIpAddress']}:8888/lab"
+
+
+def test_a_client_from_cluster_json_computes_on_every_worker(cluster):
+    import dask.datasets
+
+    client = client_for(cluster["info"])
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        assert {w["name"] for w in workers.values()} == {f"dask-{CLUSTER}-worker-{i}" for i in (1, 2)}
+        assert {w["host"] for w in workers.values()} == {cluster["info"]["nodes"][f"dask-{CLUSTER}-worker-{i}"]
+                                                       for i in (1, 2)}
+        df = dask.datasets.timeseries(start="2000-01-01", end="2000-01-08")
+        assert abs(df.x.mean().compute()) < 0.1
+        assert len(client.run(lambda: 1)) == 2
+    finally:
+        client.close()
+
+
+def test_jupyter_needs_the_token_and_its_kernel_joins_the_cluster(cluster):
+    info = cluster["info"]
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    api = info["jupyter_url"].removesuffix("/lab") + "/api"
+    assert jupyter_get(info, f"{api}/kernels").status_code == 403
+    assert jupyter_get(info, info["jupyter_url"], allow_redirects=False).status_code in (302, 403)
+    assert jupyter_get(info, f"{api}/kernels", headers={"Authorization": f"token {token}"}).status_code == 200
+    out = run_in_kernel(info, "\n".join([
+        "import distributed",
+        "client = distributed.Client(timeout=30)",
+        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
+        "print('RESULT', client.submit(sum, range(101)).result())",
+    ]))
+    assert dict(line.split(" ", 1) for line in out.strip().splitlines()) == {"WORKERS": "2", "RESULT": "5050"}
+
+
+def test_a_second_run_changes_nothing(cluster):
+    again = site(cluster["emulator"], "-e", "worker_count=2", name="aws-site-second")
+    assert again.changed == 0, again.changed_tasks()
+
+
+def test_scale_up_then_down_retires_through_the_scheduler_without_losing_data(cluster):
+    import numpy as np
+
+    emulator, info = cluster["emulator"], cluster["info"]
+    site(emulator, "-e", "worker_count=3", name="aws-site-scale-up")
+    client = client_for(info)
+    try:
+        wait_for_workers(client, 3, timeout=60)
+        blocks = [np.full(1000, i, dtype="int64") for i in range(60)]
+        futures = client.scatter(blocks)
+        holders = {addr for addrs in client.who_has(futures).values() for addr in addrs}
+        assert len(holders) == 3, "the data should start out on every worker"
+        before = cluster_instances(emulator)
+
+        down = site(emulator, "-e", "worker_count=1", name="aws-site-scale-down")
+        retire = down.output.split(f"TASK [Retire the workers: dask-{CLUSTER}-worker-2, dask-{CLUSTER}-worker-3]", 1)
+        assert len(retire) == 2, "the scheduler was asked to retire the two highest-numbered workers"
+        result = retire[1].split("\nTASK [", 1)[0].split("\nPLAY [", 1)[0]
+        assert f"changed: [localhost -> {SCHEDULER}(" in result, "retiring ran on the scheduler (not skipped): " + result
+
+        after = cluster_instances(emulator)
+        assert sorted(after) == [SCHEDULER, f"dask-{CLUSTER}-worker-1"]
+        gone = {before[f"dask-{CLUSTER}-worker-{i}"]["InstanceId"] for i in (2, 3)}
+        assert {instance(emulator, i)["State"]["Name"] for i in gone} == {"terminated"}
+        wait_until(lambda: not gone & set(machines()), 60, "their machines removed")
+        wait_for_workers(client, 1, timeout=60)
+        assert [int(b[0]) for b in client.gather(futures)] == list(range(60))
+    finally:
+        client.close()
+
+
+def test_idle_shutdown_ends_as_each_instance_says(cluster):
+    """The machines power themselves off; EC2 then shows each instance as its
+    InstanceInitiatedShutdownBehavior says (terminate for every machine today)."""
+    emulator = cluster["emulator"]
+    site(emulator, "-e", "worker_count=1", "-e", "idle_shutdown=40s", name="aws-site-idle")
+    found = cluster_instances(emulator)
+    behaviour = {name: ec2(emulator).describe_instance_attribute(
+        InstanceId=inst["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
+    )["InstanceInitiatedShutdownBehavior"]["Value"] for name, inst in found.items()}
+    expected = {name: {"terminate": "terminated", "stop": "stopped"}[b] for name, b in behaviour.items()}
+    assert set(expected.values()) == {"terminated"}, behaviour
+
+    def final():
+        states = {name: instance(emulator, inst["InstanceId"])["State"]["Name"] for name, inst in found.items()}
+        return states if states == expected else None
+
+    wait_until(final, 300, f"every idle machine powered off and its instance {expected}", interval=2)
+    ids = {inst["InstanceId"] for inst in found.values()}
+    wait_until(lambda: not ids & set(machines()), 60, "the terminated instances' machines removed")
+
+
+def test_teardown_leaves_nothing_and_can_run_twice(cluster):
+    emulator = cluster["emulator"]
+    teardown(emulator, name="aws-site-teardown")
+    client, by_cluster = ec2(emulator), [{"Name": f"tag:{CLUSTER_TAG}", "Values": [CLUSTER]}]
+    assert cluster_instances(emulator) == {}
+    assert client.describe_security_groups(Filters=by_cluster)["SecurityGroups"] == []
+    assert client.describe_key_pairs(Filters=by_cluster)["KeyPairs"] == []
+    assert [t for t in client.describe_launch_templates()["LaunchTemplates"]
+            if t["LaunchTemplateName"].startswith(f"dask-{CLUSTER}-")] == []
+    assert client.describe_volumes(Filters=by_cluster)["Volumes"] == []
+    assert machines() == {}, "no machine of any instance is left"
+    assert not STATE.exists()
+    again = teardown(emulator, name="aws-site-teardown-again")
+    assert again.changed == 0, again.changed_tasks()
+
+
+def test_stopping_the_emulator_leaves_nothing(emulator):
+    endpoint_port = int(emulator["endpoint"].rsplit(":", 1)[1])
+    emulator["process"].send_signal(signal.SIGTERM)
+    emulator["process"].wait(timeout=120)
+    assert emulator_objects("container") == []
+    assert emulator_objects("network") == []
+    assert emulator_objects("image") == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", endpoint_port), timeout=2).close()
