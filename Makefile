@@ -2,6 +2,8 @@
 #
 #   make demo        local cluster "demo" (1 scheduler, 2 workers, Jupyter Lab)
 #   make demo-down   remove it
+#   make demo-aws    the aws flow with no AWS account: a local EC2 emulator, then site.yml -e provider=aws
+#   make demo-aws-down  tear that cluster down and stop the emulator (nothing of either is left)
 #   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
 #   make test        everything needed, then the whole test suite (CI runs this)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
@@ -17,8 +19,14 @@ EXTRA_CA_BUNDLE ?= $(SSL_CERT_FILE)
 CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
+# The emulator's cluster is not called "demo": a docker and an aws cluster of
+# one name would share an inventory group. CLUSTER=... still picks the name.
+AWS_DEMO_CLUSTER := $(if $(filter command line environment,$(origin CLUSTER)),$(CLUSTER),demo-aws)
+EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
+# The aws tools pointed at the emulator (and at nothing else), for one command.
+EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image chromium demo demo-down status lint molecule test test-static browser bench clean
+.PHONY: help setup docker image chromium demo demo-down demo-aws demo-aws-down status lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -47,6 +55,17 @@ demo: setup image
 
 demo-down: setup docker
 	$(PLAYBOOK) teardown.yml -e provider=docker -e cluster_name=$(CLUSTER)
+
+## The aws flow on a local EC2 emulator (scripts/ec2-emulator): moto answers the
+## EC2 API on 127.0.0.1 and every instance is a local machine; no account, no bill
+demo-aws: setup image
+	$(EMULATOR) start --uv-cache .cache/uv
+	$(EMULATOR_ENV) $(PLAYBOOK) site.yml -e @.emulator/vars.yml -e cluster_name=$(AWS_DEMO_CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG)
+
+demo-aws-down: setup docker
+	if $(EMULATOR) status >/dev/null; then \
+	  $(EMULATOR_ENV) $(PLAYBOOK) teardown.yml -e @.emulator/vars.yml -e cluster_name=$(AWS_DEMO_CLUSTER); fi
+	$(EMULATOR) stop
 
 ## AWS: every cluster and leftover of this toolkit, priced (read-only; no provider needed)
 status: setup
