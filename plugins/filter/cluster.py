@@ -1,0 +1,74 @@
+# Copyright: dask-ec2-ansible contributors
+# BSD-3-Clause
+"""Facts about a cluster that several roles and playbooks need, written once."""
+
+from __future__ import annotations
+
+import re
+
+DOCUMENTATION = r"""
+name: dask_worker_names
+short_description: The names of a cluster's machines
+description:
+  - C(dask_scheduler_name) gives C(dask-<cluster>-scheduler); C(dask_worker_names)
+    gives C(dask-<cluster>-worker-1) .. C(dask-<cluster>-worker-<count>).
+  - Both providers name machines (containers, EC2 Name tags) so, and scale-down
+    removes the workers whose names are not in the list.
+  - C(git_project_name) gives the directory name C(git clone) makes of a URL.
+  - C(dask_tls_certificate) gives the certificate request of a machine (its
+    host variables) - its name, the address it is reached at and its own.
+  - C(uv_environment) gives the environment uv runs with on a machine.
+"""
+
+EXAMPLES = r"""
+- name: The names of a cluster of 3 workers
+  ansible.builtin.debug:
+    msg: "{{ 'lab' | dask_scheduler_name }} and {{ 'lab' | dask_worker_names(3) }}"
+  # dask-lab-scheduler and ['dask-lab-worker-1', 'dask-lab-worker-2', 'dask-lab-worker-3']
+
+- name: Where a project is cloned
+  ansible.builtin.debug:
+    msg: "{{ 'https://github.com/me/analysis.git' | git_project_name }}"  # analysis
+"""
+
+
+def dask_scheduler_name(cluster_name):
+    return f"dask-{cluster_name}-scheduler"
+
+
+def dask_worker_names(cluster_name, count):
+    return [f"dask-{cluster_name}-worker-{number}" for number in range(1, int(count) + 1)]
+
+
+def git_project_name(url):
+    """What `git clone URL` calls its directory: the last path part, without .git."""
+    name = re.sub(r"^.*[/:]", "", str(url).rstrip("/"))
+    return re.sub(r"\.git$", "", name)
+
+
+def dask_tls_certificate(host):
+    """A machine's certificate: its name, the address it is reached at, and its own address."""
+    addresses = [host["ansible_host"], host["ansible_facts"]["default_ipv4"]["address"]]
+    return {"name": host["inventory_hostname"], "addresses": list(dict.fromkeys(addresses))}
+
+
+def uv_environment(cache_dir, ca_bundle, index_url="", compile_bytecode=None):
+    """uv on a machine: its cache, the system's CAs, no Python downloads, the index mirror."""
+    env = {"UV_CACHE_DIR": cache_dir, "UV_PYTHON_DOWNLOADS": "never", "UV_SYSTEM_CERTS": "1",
+           "SSL_CERT_FILE": ca_bundle}
+    if compile_bytecode is not None:
+        env["UV_COMPILE_BYTECODE"] = "1" if compile_bytecode else "0"
+    if index_url:
+        env["UV_INDEX_URL"] = index_url
+    return env
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "dask_scheduler_name": dask_scheduler_name,
+            "dask_tls_certificate": dask_tls_certificate,
+            "dask_worker_names": dask_worker_names,
+            "git_project_name": git_project_name,
+            "uv_environment": uv_environment,
+        }

@@ -1,0 +1,89 @@
+"""The project's filters and tests (plugins/, roles/*/filter_plugins/): facts written once."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+
+from conftest import ROOT
+
+
+def load(path: str):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cluster = load("plugins/filter/cluster.py")
+settings = load("plugins/test/dask_settings.py")
+dask_tls = load("roles/dask_tls/filter_plugins/dask_tls.py")
+
+
+def test_machine_names():
+    assert cluster.dask_scheduler_name("lab") == "dask-lab-scheduler"
+    assert cluster.dask_worker_names("lab", "3") == ["dask-lab-worker-1", "dask-lab-worker-2", "dask-lab-worker-3"]
+    assert cluster.dask_worker_names("lab", 0) == []
+
+
+@pytest.mark.parametrize(("url", "name"), [
+    ("https://github.com/me/analysis.git", "analysis"),
+    ("https://github.com/me/analysis/", "analysis"),
+    ("git@github.com:me/geo-course.git", "geo-course"),
+    ("git://10.0.0.1:9418/citest-analysis.git", "citest-analysis"),
+    ("file:///srv/git/notes", "notes"),
+])
+def test_git_project_name_is_what_git_clone_makes(url, name):
+    assert cluster.git_project_name(url) == name
+
+
+def test_uv_environment():
+    env = cluster.uv_environment("/var/cache/uv", "/etc/ssl/certs/ca-certificates.crt")
+    assert env == {"UV_CACHE_DIR": "/var/cache/uv", "UV_PYTHON_DOWNLOADS": "never", "UV_SYSTEM_CERTS": "1",
+                   "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt"}
+    env = cluster.uv_environment("/c", "/ca", "https://mirror.example/simple", False)
+    assert env["UV_INDEX_URL"] == "https://mirror.example/simple" and env["UV_COMPILE_BYTECODE"] == "0"
+
+
+def test_tls_certificate_of_a_machine_names_both_its_addresses_once():
+    host = {"inventory_hostname": "w1", "ansible_host": "54.1.2.3", "ansible_facts": {"default_ipv4": {"address": "10.0.0.5"}}}
+    assert cluster.dask_tls_certificate(host) == {"name": "w1", "addresses": ["54.1.2.3", "10.0.0.5"]}
+    host["ansible_host"] = "10.0.0.5"
+    assert cluster.dask_tls_certificate(host)["addresses"] == ["10.0.0.5"]
+
+
+@pytest.mark.parametrize(("value", "ok"), [("", True), ("30m", True), ("1.5h", True), ("90s", True), ("2d", True),
+                                           ("30", False), ("m", False), ("30 m", False), ("1w", False)])
+def test_duration(value, ok):
+    assert settings.dask_duration(value) is ok
+
+
+@pytest.mark.parametrize(("value", "ok"), [("auto", True), (0, True), ("0.8", True), (".5", True), ("1", True),
+                                           ("4GiB", True), ("2500MB", True), ("lots", False), ("4 GiBs", False),
+                                           ("-1", False)])
+def test_memory_limit(value, ok):
+    assert settings.dask_memory_limit(value) is ok
+
+
+def test_tls_pending_and_manifest(tmp_path):
+    now = int(time.time())
+    certs = [{"name": "a", "addresses": ["10.0.0.2", "10.0.0.1"]}, {"name": "b", "addresses": []}]
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.pem").write_text("x")
+        (tmp_path / f"{name}.key").write_text("x")
+    manifest = dask_tls.dask_tls_manifest({}, certs, 365, now, "CA")
+    assert manifest["a"] == {"addresses": ["10.0.0.1", "10.0.0.2"], "renew_after": now + 335 * 86400}
+    assert manifest["_ca"] == {"common_name": "CA"}
+    # Nothing to do on an unchanged cluster...
+    assert dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), False, 365, now) == []
+    # ... but a new address, a missing key, a new CA, a passed renewal date or no validity in days re-issue.
+    moved = [{"name": "a", "addresses": ["10.0.0.9"]}, certs[1]]
+    assert [c["name"] for c in dask_tls.dask_tls_pending(moved, manifest, str(tmp_path), False, 365, now)] == ["a"]
+    (tmp_path / "b.key").unlink()
+    assert [c["name"] for c in dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), False, 365, now)] == ["b"]
+    assert len(dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), True, 365, now)) == 2
+    assert len(dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), False, 0, now)) == 2
+    later = now + 336 * 86400
+    assert len(dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), False, 365, later)) == 2
