@@ -297,7 +297,7 @@ def test_scale_up_then_down_retires_through_the_scheduler_without_losing_data(cl
         before = cluster_instances(emulator)
 
         down = site(emulator, "-e", "worker_count=1", name="aws-site-scale-down")
-        retire = down.output.split(f"TASK [Retire the workers: dask-{CLUSTER}-worker-2, dask-{CLUSTER}-worker-3]", 1)
+        retire = down.output.split(f"Retire the workers: dask-{CLUSTER}-worker-2, dask-{CLUSTER}-worker-3]", 1)
         assert len(retire) == 2, "the scheduler was asked to retire the two highest-numbered workers"
         result = retire[1].split("\nTASK [", 1)[0].split("\nPLAY [", 1)[0]
         assert f"changed: [localhost -> {SCHEDULER}(" in result, "retiring ran on the scheduler (not skipped): " + result

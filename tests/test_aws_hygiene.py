@@ -274,7 +274,7 @@ def test_teardown_all_mine_refuses_without_a_terminal_or_confirm(world):
     assert result.returncode != 0
     assert 'Nothing was removed: the answer was not "yes" (no terminal to ask on).' in result.output
     assert "-e confirm=yes" in result.output
-    listing = result.output[result.output.index("TASK [List what will be removed]"):]
+    listing = result.output[result.output.index("List what will be removed]"):]
     assert all(f"{r} | {c} |" in listing for c, r in (("hyga", EU), ("hygb", US), ("hygold", EU)))
     assert "hygc" not in listing
     assert {c: sorted(instances(in_region(alice, r), c)) for c, r in (("hyga", EU), ("hygb", US), ("hygc", EU))} == before
@@ -286,7 +286,7 @@ def test_teardown_all_mine_removes_every_cluster_of_mine_and_nothing_else(world)
     bobs = {n: i["InstanceId"] for n, i in instances(bob, "hygc").items()}
     result = run("teardown.yml", "-e", "cluster_name=all_mine", "-e", "confirm=yes", "-e", TWO_REGIONS, env=alice,
                  name="hygiene-all-mine")
-    asked = result.output[result.output.index("TASK [Ask before removing]"):]
+    asked = result.output[result.output.index("Ask before removing]"):]
     assert asked.split("TASK [", 2)[1].count("skipping: [localhost]") == 1, "confirm=yes must not ask"
     for cluster, region in (("hyga", EU), ("hygb", US), ("hygold", EU)):
         env = in_region(alice, region)

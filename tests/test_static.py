@@ -49,20 +49,33 @@ def test_role_defaults_match_argument_specs(role):
         assert options[name].get("description"), f"{name} has no description"
 
 
+HARDENING = ROOT / "roles" / "dask_service" / "templates" / "etc" / "systemd" / "system" / "hardening.j2"
+
+
+def test_the_hardening_is_written_once():
+    text = HARDENING.read_text()
+    for directive in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=", "PrivateTmp=yes",
+                      "ProtectHome=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes",
+                      "ProtectControlGroups=yes", "CapabilityBoundingSet=", "RestrictAddressFamilies="):
+        assert directive in text, f"the hardening lacks {directive}"
+    units = [u for u in (ROOT / "roles").rglob("*.service.j2") if "idle-shutdown" not in u.name]
+    assert not [u for u in units if "NoNewPrivileges" in u.read_text()], "hardening written again in a unit"
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_role_unit_templates_are_hardened(role):
     for unit in (ROOT / "roles" / role / "templates").rglob("*.service.j2"):
         text = unit.read_text()
         assert text.startswith("{{ ansible_managed | comment }}"), unit
-        if unit.name.endswith("-idle-shutdown.service.j2"):
+        if unit.name.endswith("idle-shutdown.service.j2"):
             # The one root unit: it runs nothing of Dask's, only rm and poweroff.
             commands = [line.split("=", 1)[1].split()[0] for line in text.splitlines() if line.startswith("ExecStart=")]
             assert commands == ["/usr/bin/rm", "/usr/bin/systemctl"], unit
             assert "Type=oneshot" in text
             continue
-        for directive in ("User=", "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                          "ReadWritePaths=", "PrivateTmp=yes", "ProtectHome=yes", "LimitNOFILE="):
+        for directive in ("User=", "Restart=always", "LimitNOFILE="):
             assert directive in text, f"{unit.name} lacks {directive}"
+        assert re.search(r"^\{\{ hardening\(\[[a-z_]+\]\) \}\}$", text, re.MULTILINE), f"{unit.name} is not hardened"
         assert "User=root" not in text
 
 
@@ -186,3 +199,33 @@ def test_getting_started_notebook_is_valid_and_has_no_outputs():
     assert "client = Client()" in source  # no address, no certificates: $DASK_CONFIG on the machine
     assert not re.search(r"(tls|tcp)://|[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+", source)
     assert "storage_options" in source and "READ_FROM_S3 = False" in source
+
+
+# --- One list of the user settings ------------------------------------------
+
+def settings_spec() -> dict:
+    specs = yaml.safe_load((ROOT / "roles" / "cluster" / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    return {k: v for k, v in specs["validate"]["options"].items() if k != "cluster_validate_purpose"}
+
+
+def test_settings_have_one_list_of_names_types_and_defaults():
+    """The validate entry point's argument spec is the list; group_vars/all/main.yml gives each its default."""
+    defaults = yaml.safe_load((ROOT / "group_vars" / "all" / "main.yml").read_text())
+    spec = settings_spec()
+    assert set(spec) == set(defaults), (
+        f"defaults only: {sorted(set(defaults) - set(spec))}; spec only: {sorted(set(spec) - set(defaults))}")
+    assert all(option.get("type") and option.get("description") for option in spec.values())
+
+
+def test_readme_documents_every_setting_and_no_other():
+    readme = (ROOT / "README.md").read_text()
+    first_cells = re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \|", readme, re.MULTILINE)
+    rows = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
+    spec = set(settings_spec())
+    assert spec - rows == set(), f"settings missing from the README's tables: {sorted(spec - rows)}"
+
+
+def test_wrong_type_of_a_setting_is_refused_by_its_spec():
+    run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "dask_tls=maybe", check=False)
+    assert run.returncode != 0
+    assert "dask_tls" in run.output and "bool" in run.output, run.output[-2000:]

@@ -17,8 +17,9 @@ description:
     would build a cluster with the default worker count. This filter takes the
     names of all variables of a play and returns a message for each name that
     is no variable of this project but is close to one of its settings.
-  - Known names are the settings in C(playbooks/vars/cluster_spec.yml), the
-    variables in C(group_vars/) and every role's C(defaults/main.yml).
+  - Known names are the settings (the options of the C(validate) entry point in
+    C(roles/cluster/meta/argument_specs.yml)), the variables in C(group_vars/)
+    and every role's C(defaults/main.yml).
 positional: project_dir
 options:
   _input:
@@ -32,6 +33,15 @@ options:
     required: true
 """
 
+EXAMPLES = r"""
+- name: Check for misspelled settings
+  ansible.builtin.assert:
+    that: __misspelled | length == 0
+    fail_msg: "{{ __misspelled | join(' ') }}"
+  vars:
+    __misspelled: "{{ vars.keys() | list | misspelled_settings(playbook_dir | dirname) }}"
+"""
+
 
 def _keys(path: Path) -> set[str]:
     try:
@@ -43,8 +53,8 @@ def _keys(path: Path) -> set[str]:
 
 def misspelled_settings(names, project_dir):
     root = Path(project_dir)
-    spec = yaml.safe_load((root / "playbooks" / "vars" / "cluster_spec.yml").read_text())
-    settings = set(spec["options"])
+    spec = yaml.safe_load((root / "roles" / "cluster" / "meta" / "argument_specs.yml").read_text())
+    settings = set(spec["argument_specs"]["validate"]["options"])
     known = set(settings)
     for path in [*root.glob("group_vars/**/*.yml"), *root.glob("roles/*/defaults/main.yml")]:
         known |= _keys(path)
