@@ -24,8 +24,11 @@ def test_every_role_with_tasks_has_a_scenario():
     roles = {p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir()}
     # These run on the controller, not on a machine: provider_docker drives
     # the Docker engine, provider_aws the EC2 API (tests/test_aws.py, moto),
-    # dask_tls makes certificates (tests/test_cluster.py proves mutual TLS).
-    assert roles - set(SCENARIO_ROLES) <= {"provider_docker", "provider_aws", "dask_tls"}
+    # dask_tls makes certificates (tests/test_cluster.py proves mutual TLS),
+    # cluster is the playbooks' part (the end-to-end tests). dask_service is
+    # the shape of a service that the dask_scheduler, dask_worker and
+    # jupyterlab scenarios run.
+    assert roles - set(SCENARIO_ROLES) <= {"provider_docker", "provider_aws", "dask_tls", "cluster", "dask_service"}
 
 
 @pytest.mark.parametrize("role", SCENARIO_ROLES)
