@@ -39,6 +39,20 @@ extends_documentation_fragment:
   - amazon.aws.common.modules
 """
 
+EXAMPLES = r"""
+- name: Estimate what a cluster of one scheduler and 4 spot workers costs per hour
+  dask_ec2_cost:
+    machines:
+      - {region: eu-west-1, instance_type: t3.large, volume_gib: 30, role: scheduler}
+      - {region: eu-west-1, instance_type: m6i.large, count: 4, volume_gib: 30, spot: true, role: workers}
+    price_table: "{{ lookup('ansible.builtin.file', 'roles/provider_aws/files/ec2_prices.yml') | from_yaml }}"
+  register: cost
+
+- name: Show it
+  ansible.builtin.debug:
+    msg: "about ${{ cost.hourly_usd }} per hour ({{ cost.sources | join('; ') }})"
+"""
+
 RETURN = r"""
 hourly_usd: {description: Estimated USD per hour, null when a price is unknown., type: float, returned: always}
 monthly_usd: {description: hourly_usd times 730 hours., type: float, returned: always}

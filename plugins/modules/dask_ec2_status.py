@@ -40,6 +40,19 @@ extends_documentation_fragment:
   - amazon.aws.common.modules
 """
 
+EXAMPLES = r"""
+- name: Find every cluster and leftover in two regions, marking the caller's
+  dask_ec2_status:
+    regions: [eu-west-1, us-east-1]
+    owner: "{{ caller.arn }}"
+    price_table: "{{ lookup('ansible.builtin.file', 'roles/provider_aws/files/ec2_prices.yml') | from_yaml }}"
+  register: status
+
+- name: Show them as a table
+  ansible.builtin.debug:
+    msg: "{{ status.table }}"
+"""
+
 RETURN = r"""
 clusters:
   description: One entry per cluster and region, sorted by region and name.
