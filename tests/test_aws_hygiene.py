@@ -287,7 +287,7 @@ def test_teardown_all_mine_removes_every_cluster_of_mine_and_nothing_else(world)
     result = run("teardown.yml", "-e", "cluster_name=all_mine", "-e", "confirm=yes", "-e", TWO_REGIONS, env=alice,
                  name="hygiene-all-mine")
     asked = result.output[result.output.index("Ask before removing]"):]
-    assert asked.split("TASK [", 2)[1].count("skipping: [localhost]") == 1, "confirm=yes must not ask"
+    assert asked.split("TASK [", 1)[0].count("skipping: [localhost]") == 1, "confirm=yes must not ask"
     for cluster, region in (("hyga", EU), ("hygb", US), ("hygold", EU)):
         env = in_region(alice, region)
         assert leftovers(env, cluster) == nothing_left(env, cluster), cluster
