@@ -6,6 +6,7 @@
 #   make demo-aws-down  tear that cluster down and stop the emulator (nothing of either is left)
 #   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
 #   make test        everything needed, then the whole test suite (CI runs this)
+#   make images      both local base images, Debian 12 and 13 (make image OS=debian-13: one)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
 #   make browser     the cluster tests, Jupyter Lab in Chromium among them
 
@@ -26,7 +27,7 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image chromium demo demo-down demo-aws demo-aws-down status lint molecule test test-static browser bench clean
+.PHONY: help setup docker image images chromium demo demo-down demo-aws demo-aws-down status lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -42,9 +43,14 @@ $(VENV)/.setup-done: pyproject.toml uv.lock requirements.yml scripts/bootstrap
 docker:
 	scripts/ensure-docker
 
-## The local provider's base image (debootstrap when no registry answers)
+## The local provider's base image (debootstrap when no registry answers):
+## the default os_family's (the Debian whose Python is .venv's), or OS=debian-13
 image: docker
-	scripts/build-base-image
+	scripts/build-base-image $(OS)
+
+## Both Debian base images (Molecule tests on both)
+images: docker
+	scripts/build-base-image all
 
 ## Chromium and certutil from the distribution's packages (the browser test)
 chromium:
@@ -80,7 +86,7 @@ test-static: setup
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest -m "not cluster and not molecule"
 
 ## Every role's Molecule scenario, or one: make molecule ROLE=dask_worker
-molecule: setup image
+molecule: setup images
 ifdef ROLE
 	cd roles/$(ROLE) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) molecule test
 else
@@ -92,7 +98,7 @@ browser: setup image chromium
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_cluster.py
 
 ## Everything
-test: setup image chromium
+test: setup images chromium
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
 
 ## Benchmark (slow, noisy: not part of make test): make bench BENCH_ARGS="--runs 1"

@@ -53,8 +53,15 @@ AMIS = [
     # Same name pattern, newer, but not from Canonical: must never be chosen.
     _ami(6, "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20991231", "666666666666", "x86_64",
          "2099-12-31T10:00:00.000Z", "/dev/sda1"),
+    # Debian 13 (the aws default): two releases of amd64, one of arm64.
+    _ami(7, "debian-13-amd64-20250814-2204", DEBIAN, "x86_64", "2025-08-14T10:00:00.000Z", "/dev/xvda"),
+    _ami(8, "debian-13-amd64-20251006-2257", DEBIAN, "x86_64", "2025-10-06T10:00:00.000Z", "/dev/xvda"),
+    _ami(9, "debian-13-arm64-20251006-2257", DEBIAN, "arm64", "2025-10-06T10:00:00.000Z", "/dev/xvda"),
+    # Same name pattern, newer, but not from Debian: must never be chosen.
+    _ami(10, "debian-13-amd64-20991231-9999", "666666666666", "x86_64", "2099-12-31T10:00:00.000Z", "/dev/xvda"),
 ]
 NEWEST_UBUNTU_AMD64 = AMIS[1]["ami_id"]
+NEWEST_DEBIAN13_AMD64 = AMIS[7]["ami_id"]
 
 
 def _free_port() -> int:
@@ -166,7 +173,7 @@ def test_provision_creates_one_scheduler_and_numbered_workers(cluster):
     assert sorted(cluster["instances"]) == [f"dask-{CLUSTER}-scheduler", f"dask-{CLUSTER}-worker-1", f"dask-{CLUSTER}-worker-2"]
     for name, inst in cluster["instances"].items():
         assert inst["State"]["Name"] == "running", name
-        assert inst["ImageId"] == NEWEST_UBUNTU_AMD64, "newest official Ubuntu 24.04, never a look-alike"
+        assert inst["ImageId"] == NEWEST_DEBIAN13_AMD64, "newest official Debian 13, never a look-alike"
         assert inst["KeyName"] == f"dask-{CLUSTER}"
     assert cluster["instances"][f"dask-{CLUSTER}-scheduler"]["InstanceType"] == "t3.large"
     assert cluster["instances"][f"dask-{CLUSTER}-worker-1"]["InstanceType"] == "m6i.large"
@@ -187,7 +194,7 @@ def test_every_resource_is_tagged(cluster):
     roles = {n: tags(i)["dask-ec2-ansible:role"] for n, i in cluster["instances"].items()}
     assert roles == {f"dask-{CLUSTER}-scheduler": "scheduler", f"dask-{CLUSTER}-worker-1": "worker",
                      f"dask-{CLUSTER}-worker-2": "worker"}
-    assert {tags(i)["dask-ec2-ansible:ssh-user"] for i in cluster["instances"].values()} == {"ubuntu"}
+    assert {tags(i)["dask-ec2-ansible:ssh-user"] for i in cluster["instances"].values()} == {"admin"}
 
 
 def test_instances_are_hardened(cluster):
@@ -235,6 +242,22 @@ def test_second_run_changes_nothing(cluster):
         {n: i["InstanceId"] for n, i in cluster["instances"].items()}
 
 
+def test_ubuntu_when_asked_is_canonicals_newest(aws):
+    """os_family ubuntu-24.04 stays selectable: Canonical's newest image, its user ubuntu."""
+    name = "awsubuntu"
+    try:
+        provision(aws, "-e", "os_family=ubuntu-24.04", "-e", "worker_count=1", cluster=name, name="aws-provision-ubuntu")
+        found = instances(aws, name)
+        assert sorted(found) == [f"dask-{name}-scheduler", f"dask-{name}-worker-1"]
+        for inst in found.values():
+            assert inst["ImageId"] == NEWEST_UBUNTU_AMD64, "newest official Ubuntu 24.04, never a look-alike"
+            assert tags(inst)["dask-ec2-ansible:ssh-user"] == "ubuntu"
+    finally:
+        run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={name}", env=aws,
+                     name="aws-teardown-ubuntu")
+    assert leftovers(aws, name) == nothing_left(aws, name)
+
+
 def plain(value):
     """ansible-inventory --list marks untrusted strings as {"__ansible_unsafe": "..."}."""
     if isinstance(value, dict):
@@ -258,7 +281,7 @@ def test_inventory_groups_the_cluster_with_its_host_vars(cluster):
     for name, inst in cluster["instances"].items():
         assert hostvars[name]["dask_node_group"] == ("scheduler" if name.endswith("scheduler") else "workers")
         assert hostvars[name]["ansible_host"] == inst["PublicIpAddress"]
-        assert hostvars[name]["ansible_user"] == "ubuntu"
+        assert hostvars[name]["ansible_user"] == "admin"
         assert "tags" not in hostvars[name], "the reserved name `tags` would warn on every run"
 
 
@@ -331,6 +354,7 @@ BAD_INPUTS = [
     ({}, ["-e", '{"allowed_cidrs": ["0.0.0.0/0"]}'], "allow_world_open=true"),
     ({}, ["-e", '{"allowed_cidrs": ["10.0.0.300/32"]}'], "allowed_cidrs must be IPv4 networks"),
     ({}, ["-e", "os_family=windows"], "os_family"),
+    ({}, ["-e", "os_family=amazonlinux-2023"], "its system Python is 3.9"),
     ({}, ["-e", "aws_private_network=true"], "aws_private_network=true needs vpc_subnet_id"),
     ({}, ["-e", '{"aws_private_network": true, "vpc_subnet_id": "subnet-0123abcd", "allowed_cidrs": []}'],
      "the private range of your VPN or of the VPC"),

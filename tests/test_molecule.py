@@ -1,5 +1,7 @@
 """Every role's own Molecule scenario (converge, idempotence, verify) on the
-local base image, one after another (they share one instance name)."""
+local base images, Debian 12 and 13 at once (two platforms in
+.config/molecule/config.yml), scenario after scenario (they share the
+instance names)."""
 
 from __future__ import annotations
 

@@ -96,6 +96,55 @@ def test_top_level_group_vars_reach_imported_playbooks():
     assert "worker_memory_limit_role=3GiB" in line
 
 
+OS_FAMILY_DEFAULTS = [
+    # The local provider: the Debian whose system Python is the controller's...
+    (["-e", "provider=docker", "-e", "controller_python_version=3.11"], "debian-12"),
+    (["-e", "provider=docker", "-e", "controller_python_version=3.13"], "debian-13"),
+    # ...else the current Debian.
+    (["-e", "provider=docker", "-e", "controller_python_version=3.12"], "debian-13"),
+    (["-e", "provider=docker", "-e", "controller_python_version=3.14"], "debian-13"),
+    # aws: Debian 13 whatever the controller runs; an explicit choice wins.
+    (["-e", "provider=aws", "-e", "controller_python_version=3.11"], "debian-13"),
+    (["-e", "provider=docker", "-e", "os_family=debian-13", "-e", "controller_python_version=3.11"], "debian-13"),
+    (["-e", "provider=aws", "-e", "os_family=ubuntu-24.04"], "ubuntu-24.04"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), OS_FAMILY_DEFAULTS, ids=[" ".join(a) for a, _ in OS_FAMILY_DEFAULTS])
+def test_os_family_default_follows_the_provider_and_the_controllers_python(args, expected):
+    run = run_playbook("tests/playbooks/group_vars_probe.yml", *args)
+    assert f"os_family={expected} " in re.search(r"PROBE .*", run.output, re.S).group(0)
+
+
+def test_controller_python_is_the_python_running_ansible():
+    probe = subprocess.run([str(VENV_BIN / "python"), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    run = run_playbook("tests/playbooks/group_vars_probe.yml")
+    assert f"controller_python={probe}" in run.output
+
+
+def test_os_family_tables_agree():
+    """The operating systems each part knows: settings, the two providers, the
+    image script, the EC2 emulator (each image's Python too)."""
+    internal = yaml.safe_load((ROOT / "group_vars" / "all" / "internal.yml").read_text())
+    spec = yaml.safe_load((ROOT / "roles" / "cluster" / "meta" / "argument_specs.yml").read_text())
+    docker = yaml.safe_load((ROOT / "roles" / "provider_docker" / "defaults" / "main.yml").read_text())
+    aws = yaml.safe_load((ROOT / "roles" / "provider_aws" / "defaults" / "main.yml").read_text())
+    choices = set(spec["argument_specs"]["validate"]["options"]["os_family"]["choices"])
+    assert set(internal["os_family_python"]) == choices
+    assert set(aws["provider_aws_images"]) == choices
+    assert set(docker["provider_docker_images"]) == set(internal["docker_os_families"])
+    assert set(internal["docker_os_families"]) <= choices
+    script = (ROOT / "scripts" / "build-base-image").read_text()
+    emulator = (ROOT / "scripts" / "ec2-emulator").read_text()
+    for os_family, image in docker["provider_docker_images"].items():
+        assert f"{os_family})" in script, f"build-base-image cannot build {os_family}"
+        assert image.rsplit(":", 1)[1] in script
+        python = internal["os_family_python"][os_family]
+        assert re.search(rf'"{os_family}": \{{"docker_image": "{re.escape(image)}".*"python": "{python}"', emulator), \
+            f"ec2-emulator's OS_IMAGES lacks {os_family} ({image}, Python {python})"
+
+
 BAD_INPUTS = [
     (["-e", "worker_count=0"], "worker_count must be a whole number of at least 1"),
     (["-e", "worker_count=two"], "worker_count"),
@@ -107,6 +156,8 @@ BAD_INPUTS = [
     (["-e", "jupyter_port=8786"], "must be three different ports"),
     (["-e", "extra_ca_bundle=/nonexistent/ca.pem"], "is not a file on this machine"),
     (["-e", "jupyter_project_repo=my project"], "jupyter_project_repo must be a git URL"),
+    (["-e", "os_family=ubuntu-24.04"], "is not available on the local provider"),
+    (["-e", "os_family=amazonlinux-2023"], "its system Python is 3.9"),
 ]
 
 
