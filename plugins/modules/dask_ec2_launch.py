@@ -12,6 +12,8 @@ description:
     then on-demand in every subnet. A capacity refusal (C(InsufficientInstanceCapacity), C(Unsupported), ...)
     moves on to the next choice at once, without the minutes of retries that botocore and amazon.aws spend on an
     HTTP 500. A spot quota (C(MaxSpotInstanceCountExceeded), or C(VcpuLimitExceeded) on spot) moves to on-demand.
+  - The tags of the instances that already exist are brought to O(tags) (added, changed, others removed; the
+    lifecycle tags are kept), as amazon.aws.ec2_instance with purge_tags did.
   - Throttling (C(RequestLimitExceeded)) is retried with exponential backoff and jitter.
   - When a machine cannot be had anywhere, or an on-demand quota refuses it, the module fails with one message
     that names the limit and what to do, after terminating the instances it launched itself (unless
@@ -164,6 +166,22 @@ class Launcher:
                 "instance_type": inst["InstanceType"], "lifecycle": lifecycle, "subnet_id": inst.get("SubnetId", ""),
                 "availability_zone": inst.get("Placement", {}).get("AvailabilityZone", ""), "launched": launched}
 
+    def retag(self, machine, inst):
+        """Bring an existing instance's tags to what a launch now would give it (owner, cluster_tags)."""
+        have = _tags(inst)
+        want = dict(self.p["tags"], Name=machine["name"], **{ROLE_TAG: machine["role"]})
+        keep = {LIFECYCLE_TAG, FALLBACK_TAG}
+        add = {k: str(v) for k, v in want.items() if have.get(k) != str(v)}
+        drop = [k for k in have if k not in want and k not in keep and not k.startswith("aws:")]
+        if (add or drop) and not self.module.check_mode:
+            if add:
+                self.backoff(lambda: self.read.create_tags(
+                    Resources=[inst["InstanceId"]], Tags=[{"Key": k, "Value": v} for k, v in add.items()]))
+            if drop:
+                self.backoff(lambda: self.read.delete_tags(
+                    Resources=[inst["InstanceId"]], Tags=[{"Key": k} for k in drop]))
+        return bool(add or drop)
+
     def request(self, machine, lifecycle, subnet_id):
         tags = dict(self.p["tags"], Name=machine["name"], **{ROLE_TAG: machine["role"], LIFECYCLE_TAG: lifecycle})
         if machine["spot"] and lifecycle == "on-demand":
@@ -251,6 +269,7 @@ class Launcher:
             have = existing.get(machine["name"])
             if have:
                 inst = sorted(have, key=lambda i: i["LaunchTime"])[0]
+                changed |= self.retag(machine, inst)
                 results.append(self.describe(machine, inst, False))
             elif self.module.check_mode:
                 results.append({"name": machine["name"], "role": machine["role"], "instance_id": "",
