@@ -236,8 +236,10 @@ def test_a_half_made_cluster_is_kept_when_asked_and_completed_by_the_next_run(pr
     before = instances(aws_env(proxy.url), cluster)
     assert sorted(before) == [f"dask-{cluster}-scheduler", f"dask-{cluster}-worker-1"]
     proxy.clear()
-    provision(proxy, cluster, "-e", "worker_count=2")
+    provision(proxy, cluster, "-e", "worker_count=2", "-e", '{"cluster_tags": {"project": "ci", "team": "faults"}}')
     after = instances(aws_env(proxy.url), cluster)
+    assert {n: tags(i).get("team") for n, i in after.items()} == dict.fromkeys(after, "faults"), \
+        "the machines that were there got the new tag too"
     assert sorted(after) == [f"dask-{cluster}-scheduler", f"dask-{cluster}-worker-1", f"dask-{cluster}-worker-2"]
     assert all(after[n]["InstanceId"] == before[n]["InstanceId"] for n in before)
     assert [c.code for c in proxy.calls("RunInstances")] == [None], "only the missing worker is launched"
