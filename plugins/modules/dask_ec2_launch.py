@@ -363,7 +363,12 @@ def main():
     )
     if not module.params["subnet_ids"]:
         module.fail_json(msg="No subnet to launch into (subnet_ids is empty).")
-    Launcher(module).run()
+    launcher = Launcher(module)
+    try:
+        launcher.run()
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        # Anything unforeseen (an expired session, a throttling that did not pass): still leave nothing behind.
+        launcher.fail(f"Launching the machines failed: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
