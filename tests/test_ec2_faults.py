@@ -11,6 +11,8 @@ nothing. Counts of requests are asserted, not wall time.
 
 from __future__ import annotations
 
+import json
+
 import boto3
 import pytest
 from botocore.config import Config
@@ -191,15 +193,19 @@ def test_spot_refused_falls_back_to_on_demand_at_once(proxy):
     teardown_leaves_nothing(proxy, cluster)
 
 
-def test_capacity_refused_in_one_zone_is_found_in_the_next(proxy):
+@pytest.mark.parametrize("given", [False, True], ids=["default-subnets", "vpc_subnet_ids"])
+def test_capacity_refused_in_one_zone_is_found_in_the_next(proxy, given):
     cluster = "fzone"
-    first, second = default_subnets(proxy.url)[:2]
+    subnets = default_subnets(proxy.url)
+    # The user's order (last zone first) is the order tried; else zone order.
+    first, second = (subnets[-1], subnets[-2]) if given else (subnets[0], subnets[1])
+    args = ["-e", json.dumps({"vpc_subnet_ids": [first["SubnetId"], second["SubnetId"]]})] if given else []
     proxy.refuse("RunInstances", "InsufficientInstanceCapacity",
                  where={"InstanceType": "m6i.large", "SubnetId": first["SubnetId"]})
-    run = provision(proxy, cluster, "-e", "worker_count=1")
+    run = provision(proxy, cluster, "-e", "worker_count=1", *args)
     assert len(proxy.calls("RunInstances", refused=True)) == 1
     live = instances(aws_env(proxy.url), cluster)
-    assert live[f"dask-{cluster}-scheduler"]["Placement"]["AvailabilityZone"] == first["AvailabilityZone"]
+    assert live[f"dask-{cluster}-scheduler"]["SubnetId"] == first["SubnetId"]
     assert live[f"dask-{cluster}-worker-1"]["SubnetId"] == second["SubnetId"]
     assert by_name(proxy, cluster) == {f"dask-{cluster}-scheduler": ("t3.large", "on-demand"),
                                        f"dask-{cluster}-worker-1": ("m6i.large", "on-demand")}
