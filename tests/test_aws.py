@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -358,6 +359,7 @@ BAD_INPUTS = [
     ({}, ["-e", "aws_private_network=true"], "aws_private_network=true needs vpc_subnet_id"),
     ({}, ["-e", '{"aws_private_network": true, "vpc_subnet_id": "subnet-0123abcd", "allowed_cidrs": []}'],
      "the private range of your VPN or of the VPC"),
+    ({}, ["-e", '{"vpc_subnet_ids": ["subnet-0123456789abcdef0", "eu-west-1a"]}'], "vpc_subnet_ids must be subnet ids"),
     ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, [], "No usable AWS credentials"),
 ]
 
@@ -422,6 +424,23 @@ def test_iam_policy_allows_every_call_the_playbooks_make():
     missing = set().union(*(MODULE_ACTIONS[m] for m in used)) - allowed
     assert not missing, f"the policy lacks {sorted(missing)}"
     assert "ec2:DescribeInstances" in allowed  # the aws inventory
+
+
+def test_iam_policy_allows_every_call_of_our_own_modules():
+    """Our modules call boto3 directly (launch, status, cost): each API call they name must be allowed."""
+    policy = json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text())
+    allowed = set()
+    for statement in policy["Statement"]:
+        allowed |= {statement["Action"]} if isinstance(statement["Action"], str) else set(statement["Action"])
+    calls = set()
+    for path in [*(ROOT / "plugins" / "modules").glob("*.py"), *(ROOT / "plugins" / "module_utils").glob("*.py")]:
+        text = path.read_text()
+        calls |= set(re.findall(r"[.]((?:describe|run|terminate|create|delete)_[a-z_]+|get_products)[(]", text))
+        calls |= set(re.findall(r'"(describe_[a-z_]+)"', text))  # paginators
+    assert {"run_instances", "terminate_instances", "describe_instances", "get_products"} <= calls
+    actions = {("pricing:" if call == "get_products" else "ec2:") + "".join(w.title() for w in call.split("_"))
+               for call in calls}
+    assert not actions - allowed, f"the policy lacks {sorted(actions - allowed)}"
 
 
 def as_moto_evaluates(policy: dict) -> dict:

@@ -97,6 +97,7 @@ import datetime
 from ansible.module_utils.dask_ec2_pricing import (
     HOURS_PER_MONTH, PRICE_LIST_REGION, SPOT_NOTE, PriceBook, pricing_config,
 )
+from ansible.module_utils.dask_ec2_retry import READ_RETRIES
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 PREFIX = "dask-ec2-ansible:"
@@ -162,6 +163,7 @@ def _clusters(region, found, book, me, now):
     for name, members in sorted(by_name.items()):
         types, roles, by_role, states, owners, user_tags = {}, {}, {}, {}, set(), {}
         hourly, so_far, sources, missing, spot, launched, gib = 0.0, 0.0, set(), [], 0, None, 0
+        fallback = []
         storage, storage_source = book.storage_gib_hour(region)
         for inst, tags in members:
             itype, state = inst["InstanceType"], inst["State"]["Name"]
@@ -174,8 +176,11 @@ def _clusters(region, found, book, me, now):
             owners.add(tags.get(PREFIX + "owner", ""))
             if role == "scheduler" or not user_tags:
                 user_tags = {k: v for k, v in tags.items() if not k.startswith(PREFIX) and k != "Name"}
-            if inst.get("InstanceLifecycle") == "spot":
+            # moto (and a launch template) may not report InstanceLifecycle: our tag says it too.
+            if inst.get("InstanceLifecycle") == "spot" or tags.get(PREFIX + "lifecycle") == "spot":
                 spot += 1
+            elif tags.get(PREFIX + "spot-fallback") == "true":
+                fallback.append(tags.get("Name", inst["InstanceId"]))
             launched = min(launched, inst["LaunchTime"]) if launched else inst["LaunchTime"]
             if state in BILLED:
                 price, source = book.instance(region, itype)
@@ -199,6 +204,7 @@ def _clusters(region, found, book, me, now):
             "mine": bool(me) and owners_list == [me],
             "tags": user_tags,
             "instances": roles, "instance_types": types, "machines": by_role, "states": states, "spot_instances": spot,
+            "on_demand_fallback": sorted(fallback),
             "volumes_gib": gib,
             "launched": _iso(launched), "age_hours": round(_hours(launched, now), 2),
             "hourly_usd": None if missing else round(hourly, 4),
@@ -275,7 +281,9 @@ def _report(clusters, leftovers, errors, regions, book, me):
             machines = " + ".join(f"{n} {role}{'s' if n > 1 else ''} {itype}" for role, types in sorted(c["machines"].items())
                                   for itype, n in sorted(types.items()))
             states = ",".join(sorted(c["states"]))
-            rows.append([c["name"], c["region"], machines + (f" ({c['spot_instances']} spot)" if c["spot_instances"] else ""),
+            capacity = ([f"{c['spot_instances']} spot"] if c["spot_instances"] else []) + (
+                [f"on demand, spot refused: {', '.join(c['on_demand_fallback'])}"] if c["on_demand_fallback"] else [])
+            rows.append([c["name"], c["region"], machines + (f" ({'; '.join(capacity)})" if capacity else ""),
                          states, _age(c["age_hours"]), ", ".join(_short_owner(o, me) for o in c["owners"]),
                          ",".join(f"{k}={v}" for k, v in sorted(c["tags"].items())) or "-",
                          _money(c["hourly_usd"], 4), _money(c["cost_so_far_usd"], 2)])
@@ -323,7 +331,8 @@ def main():
     regions = sorted(set(module.params["regions"]))
     me = module.params["owner"]
     # Clients are made here, one after another (making them is not thread-safe; using them is).
-    clients = {region: module.client("ec2", region=region) for region in regions}
+    # Throttling (RequestLimitExceeded) is retried with backoff, up to 10 attempts.
+    clients = {region: module.client("ec2", region=region, config=READ_RETRIES) for region in regions}
     found, errors = {}, {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(16, len(regions)))) as pool:
         futures = {pool.submit(_scan, client): region for region, client in clients.items()}
