@@ -170,7 +170,7 @@ def test_cost_is_shown_before_the_launch_from_the_dated_price_table(world):
     assert "the AWS Price List API was not used: ClientError" in out
     assert "Cap: max_hourly_cost $1.0000" in out
     assert out.index("Show what the cluster costs per hour") < out.index("Import the cluster's SSH key") \
-        < out.index("Launch the scheduler")
+        < out.index("Launch the machines that are missing")
     assert "Cap: none (max_hourly_cost 0)" in world["outputs"]["hygb"]
 
 
