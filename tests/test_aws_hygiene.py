@@ -306,6 +306,8 @@ def test_teardown_all_mine_removes_every_cluster_of_mine_and_nothing_else(world)
 # IAM actions of our own modules (plugins/modules), from their code.
 OWN_MODULE_ACTIONS = {
     "dask_ec2_cost": {"pricing:GetProducts"},
+    "dask_ec2_launch": {"ec2:DescribeInstances", "ec2:DescribeSubnets", "ec2:RunInstances", "ec2:TerminateInstances",
+                        "ec2:CreateTags", "ec2:DeleteTags"},
     "dask_ec2_status": {"ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs",
                         "ec2:DescribeVolumes", "ec2:DescribeLaunchTemplates", "pricing:GetProducts"},
 }
