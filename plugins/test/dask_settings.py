@@ -12,9 +12,9 @@ short_description: Is this a duration such as "30m", "2h", "90s" (or empty)?
 description:
   - C(dask_duration) is true for a number with one of the units s, m, h, d, or
     an empty string (for the idle_shutdown setting, empty means never).
-  - C(dask_memory_limit) is true for what C(dask worker --memory-limit) takes:
-    "auto", 0 (no limit), a fraction of the machine's memory such as 0.8, or a
-    size such as "4GiB" or "2500MB".
+  - C(dask_memory_limit) is true for what C(dask worker --memory-limit) takes,
+    C(auto), C(0) (no limit), a fraction of the machine's memory such as C(0.8),
+    or a size such as C(4GiB) or C(2500MB).
 """
 
 EXAMPLES = r"""
