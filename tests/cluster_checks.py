@@ -3,6 +3,7 @@ from cluster.json, Jupyter's REST API and a kernel on the cluster."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -83,3 +84,47 @@ def run_in_kernel(info, code: str, timeout: float = 120, kernel_name: str = "pyt
     finally:
         ws.close()
         requests.delete(f"{base}/api/kernels/{kernel_id}", headers=auth, verify=ca, timeout=30)
+
+
+def _jupyter_api(info):
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    return info["jupyter_url"].removesuffix("/lab") + "/api/contents", {"Authorization": f"token {token}"}
+
+
+def jupyter_file(info, path: str) -> bytes | None:
+    """The bytes of a file in the notebook directory as Jupyter serves it (None: no such file)."""
+    api, auth = _jupyter_api(info)
+    got = requests.get(f"{api}/{path}", params={"type": "file", "format": "base64", "content": "1"}, headers=auth,
+                       verify=info["jupyter_ca_file"], timeout=30)
+    if got.status_code == 404:
+        return None
+    assert got.status_code == 200, got.text
+    return base64.b64decode(got.json()["content"])
+
+
+def save_notebook(info, path: str, *sources: str) -> bytes:
+    """Save a notebook through Jupyter's REST API, as Lab does when the user saves one; return the
+    bytes Jupyter wrote."""
+    api, auth = _jupyter_api(info)
+    notebook = {"nbformat": 4, "nbformat_minor": 5,
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                "cells": [{"id": uuid.uuid4().hex[:8], "cell_type": "code", "source": source, "metadata": {},
+                           "outputs": [], "execution_count": None} for source in sources]}
+    put = requests.put(f"{api}/{path}", json={"type": "notebook", "format": "json", "content": notebook}, headers=auth,
+                       verify=info["jupyter_ca_file"], timeout=30)
+    assert put.status_code in (200, 201), put.text
+    return jupyter_file(info, path)
+
+
+def save_file(info, path: str, data: bytes) -> None:
+    """Upload a file (folders on its path made first), as Lab's upload does."""
+    api, auth = _jupyter_api(info)
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        folder = "/".join(parts[:depth])
+        requests.put(f"{api}/{folder}", json={"type": "directory"}, headers=auth, verify=info["jupyter_ca_file"],
+                     timeout=30)
+    put = requests.put(f"{api}/{path}", json={"type": "file", "format": "base64",
+                                               "content": base64.b64encode(data).decode()},
+                       headers=auth, verify=info["jupyter_ca_file"], timeout=30)
+    assert put.status_code in (200, 201), put.text

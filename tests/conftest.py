@@ -64,6 +64,9 @@ def run_playbook(
 
     env, when given, is the whole environment of the run (e.g. one pointing at
     a local EC2 API); the process's own environment is never changed."""
+    if playbook == "teardown.yml" and not any(arg.startswith("save_dir=") for arg in extra):
+        # The work teardown saves first stays among the test artifacts, not in saved/.
+        extra = (*extra, "-e", f"save_dir={ARTIFACTS / 'saved'}")
     args = [str(VENV_BIN / "ansible-playbook"), playbook, *extra]
     env = dict(env if env is not None else os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", PY_COLORS="0")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_checks import client_for, jupyter_get, run_in_kernel, wait_for_workers
+from cluster_checks import client_for, jupyter_file, jupyter_get, run_in_kernel, save_notebook, wait_for_workers
 from conftest import ROOT, VENV_BIN, docker_available, extra_ca_args, run_playbook
 
 boto3 = pytest.importorskip("boto3")
@@ -313,30 +314,55 @@ def test_scale_up_then_down_retires_through_the_scheduler_without_losing_data(cl
         client.close()
 
 
-def test_idle_shutdown_ends_as_each_instance_says(cluster):
+def test_idle_shutdown_stops_the_scheduler_terminates_the_workers_and_site_brings_the_notebooks_back(cluster):
     """The machines power themselves off; EC2 then shows each instance as its
-    InstanceInitiatedShutdownBehavior says (terminate for every machine today)."""
+    InstanceInitiatedShutdownBehavior says: the scheduler stopped (its volume,
+    with the notebooks, kept), the workers terminated. site.yml starts the
+    scheduler again, with its notebooks, and launches new workers."""
     emulator = cluster["emulator"]
     site(emulator, "-e", "worker_count=1", "-e", "idle_shutdown=40s", name="aws-site-idle")
+    info = json.loads((STATE / "cluster.json").read_text())
+    notebook = save_notebook(info, "kept.ipynb", "print('written before the cluster went idle')")
     found = cluster_instances(emulator)
     behaviour = {name: ec2(emulator).describe_instance_attribute(
         InstanceId=inst["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
     )["InstanceInitiatedShutdownBehavior"]["Value"] for name, inst in found.items()}
-    expected = {name: {"terminate": "terminated", "stop": "stopped"}[b] for name, b in behaviour.items()}
-    assert set(expected.values()) == {"terminated"}, behaviour
+    assert behaviour == {SCHEDULER: "stop", f"dask-{CLUSTER}-worker-1": "terminate"}
+    expected = {SCHEDULER: "stopped", f"dask-{CLUSTER}-worker-1": "terminated"}
 
     def final():
         states = {name: instance(emulator, inst["InstanceId"])["State"]["Name"] for name, inst in found.items()}
         return states if states == expected else None
 
     wait_until(final, 300, f"every idle machine powered off and its instance {expected}", interval=2)
-    ids = {inst["InstanceId"] for inst in found.values()}
-    wait_until(lambda: not ids & set(machines()), 60, "the terminated instances' machines removed")
+    worker_id = found[f"dask-{CLUSTER}-worker-1"]["InstanceId"]
+    wait_until(lambda: worker_id not in machines(), 60, "the terminated worker's machine removed")
+    assert machines()[found[SCHEDULER]["InstanceId"]] == "exited", "the stopped scheduler's machine is kept, halted"
+
+    again = site(emulator, "-e", "worker_count=1", name="aws-site-after-idle")
+    assert f"{SCHEDULER}: " in again.output and "started again" in again.output
+    now = cluster_instances(emulator, states=("running",))
+    assert now[SCHEDULER]["InstanceId"] == found[SCHEDULER]["InstanceId"], "the same scheduler, started again"
+    assert now[f"dask-{CLUSTER}-worker-1"]["InstanceId"] != worker_id, "a new worker"
+    info = json.loads((STATE / "cluster.json").read_text())
+    assert jupyter_file(info, "kept.ipynb") == notebook
+    client = client_for(info)
+    try:
+        wait_for_workers(client, 1, timeout=60)
+        assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+    finally:
+        client.close()
 
 
-def test_teardown_leaves_nothing_and_can_run_twice(cluster):
+def test_teardown_of_a_stopped_scheduler_saves_its_notebooks_then_leaves_nothing_and_can_run_twice(cluster):
     emulator = cluster["emulator"]
-    teardown(emulator, name="aws-site-teardown")
+    scheduler = cluster_instances(emulator)[SCHEDULER]["InstanceId"]
+    ec2(emulator).stop_instances(InstanceIds=[scheduler])
+    wait_until(lambda: instance(emulator, scheduler)["State"]["Name"] == "stopped", 120, "the scheduler stopped")
+    run = teardown(emulator, name="aws-site-teardown")
+    saved = re.search(rf"Saved the notebook directory of {SCHEDULER} into (\S+)\.", run.output)
+    assert saved, run.output[-3000:]
+    assert (Path(saved[1]) / "kept.ipynb").is_file(), "the notebook written before idle_shutdown"
     client, by_cluster = ec2(emulator), [{"Name": f"tag:{CLUSTER_TAG}", "Values": [CLUSTER]}]
     assert cluster_instances(emulator) == {}
     assert client.describe_security_groups(Filters=by_cluster)["SecurityGroups"] == []

@@ -218,6 +218,10 @@ def status(env, *extra, name):
 
 def test_make_status_lists_clusters_in_two_regions_and_what_is_left_behind(world):
     alice, users = world["alice"], world["users"]
+    # Bob's hygc as idle_shutdown leaves a cluster: stopped, its volumes kept.
+    hygc = [i["InstanceId"] for r in client(world["bob"]).describe_instances(
+        Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": ["hygc"]}])["Reservations"] for i in r["Instances"]]
+    client(world["bob"]).stop_instances(InstanceIds=hygc)
     started = time.monotonic()
     proc = subprocess.run(["make", "--no-print-directory", "status", f"REGIONS={EU},{US}"], cwd=ROOT,
                           env=dict(alice, ANSIBLE_NOCOLOR="1"), stdin=subprocess.DEVNULL, capture_output=True,
@@ -239,6 +243,11 @@ def test_make_status_lists_clusters_in_two_regions_and_what_is_left_behind(world
     assert clusters[("hyga", EU)]["owners"] == [users["alice"]["arn"]] and clusters[("hyga", EU)]["mine"]
     assert clusters[("hygc", EU)]["owners"] == [users["bob"]["arn"]] and not clusters[("hygc", EU)]["mine"]
     assert clusters[("hyga", EU)]["tags"] == {"project": "ci"}
+    stopped_monthly = 2 * 30 * PRICES["gp3_gib_month"][EU]
+    assert clusters[("hygc", EU)]["stopped"] and not clusters[("hyga", EU)]["stopped"]
+    assert clusters[("hygc", EU)]["monthly_storage_usd"] == pytest.approx(stopped_monthly, abs=0.01)
+    assert (f"Stopped: hygc ({EU}) keeps 60 GiB of disk with its notebooks, about ${stopped_monthly:.2f} per month"
+            in proc.stdout)
     us = PRICES["instances"][US]
     assert clusters[("hygb", US)]["hourly_usd"] == pytest.approx(
         us["t3.large"] + 2 * us["m6i.large"] + 3 * 30 * PRICES["gp3_gib_month"][US] / 730, abs=1e-4)
@@ -308,7 +317,7 @@ def test_teardown_all_mine_removes_every_cluster_of_mine_and_nothing_else(world)
 OWN_MODULE_ACTIONS = {
     "dask_ec2_cost": {"pricing:GetProducts"},
     "dask_ec2_launch": {"ec2:DescribeInstances", "ec2:DescribeSubnets", "ec2:RunInstances", "ec2:TerminateInstances",
-                        "ec2:CreateTags", "ec2:DeleteTags"},
+                        "ec2:StartInstances", "ec2:CreateTags", "ec2:DeleteTags"},
     "dask_ec2_status": {"ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs",
                         "ec2:DescribeVolumes", "ec2:DescribeLaunchTemplates", "pricing:GetProducts"},
 }

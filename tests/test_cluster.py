@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_checks import client_for, jupyter_get, run_in_kernel, wait_for_workers
+from cluster_checks import client_for, jupyter_get, run_in_kernel, save_file, save_notebook, wait_for_workers
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -58,8 +58,9 @@ SCHEDULER = f"dask-{CLUSTER}-scheduler"
 WORKER_1 = f"dask-{CLUSTER}-worker-1"
 
 
-def teardown(cluster: str = CLUSTER, name: str = "teardown"):
-    return run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={cluster}", name=name)
+def teardown(cluster: str = CLUSTER, name: str = "teardown", **settings: str):
+    extra = [arg for key, value in settings.items() for arg in ("-e", f"{key}={value}")]
+    return run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={cluster}", *extra, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -545,13 +546,44 @@ def test_scale_down_retires_workers_without_losing_data(cluster):
         client.close()
 
 
-def test_teardown_removes_everything_and_can_run_twice(cluster):
-    teardown(name="teardown-1")
+def test_teardown_that_cannot_save_the_work_removes_nothing(cluster, tmp_path):
+    blocked = tmp_path / "a-file-not-a-folder"
+    blocked.write_text("")
+    run = run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={CLUSTER}",
+                       "-e", f"save_dir={blocked}", check=False, name="teardown-cannot-save")
+    assert run.returncode != 0
+    assert f"Could not save the work on {SCHEDULER}" in run.output
+    assert "Nothing was removed" in run.output and "-e save_work=false" in run.output
+    assert len(docker_objects("container", CLUSTER)) == len(cluster["first_run"].recap) - 1
+    assert (STATE / "cluster.json").is_file()
+
+
+def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(cluster):
+    info = cluster["info"]
+    notebook = save_notebook(info, "my-analysis.ipynb", "import dask\nprint('an evening of work')")
+    save_file(info, "results/2026/ndvi.csv", b"month,ndvi\n1,0.42\n")
+    # Without save_dir: saved/<cluster>/<UTC time>/ at the repository root.
+    run = teardown(name="teardown-1", save_dir="")
+    saved = re.search(rf"Saved the notebook directory of {SCHEDULER} into (\S+)\.", run.output)
+    assert saved, run.output[-3000:]
+    dest = Path(saved[1])
+    try:
+        assert dest.parent == ROOT / "saved" / CLUSTER
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z", dest.name)
+        assert (dest / "my-analysis.ipynb").read_bytes() == notebook
+        assert (dest / "results" / "2026" / "ndvi.csv").read_bytes() == b"month,ndvi\n1,0.42\n"
+        assert (dest / "getting-started.ipynb").is_file()
+        # The project's clone is work; its environment is not.
+        assert (dest / PROJECT / "analysis.py").read_text() == "import six\n"
+        assert not list(dest.rglob(".venv")) and not list(dest.rglob(".ipynb_checkpoints"))
+    finally:
+        shutil.rmtree(dest.parent)
     assert docker_objects("container", CLUSTER) == []
     assert docker_objects("network", CLUSTER) == []
     assert docker_objects("volume", CLUSTER) == []
     assert not STATE.exists()
-    teardown(name="teardown-2")
+    again = teardown(name="teardown-2")
+    assert f"Nothing saved: cluster '{CLUSTER}' has no scheduler machine any more." in again.output
 
 
 def test_teardown_after_a_half_finished_site_run():

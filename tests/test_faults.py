@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ARTIFACTS, ROOT, VENV_BIN, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
-from cluster_checks import client_for, wait_for_workers
+from cluster_checks import client_for, jupyter_file, save_notebook, wait_for_workers
 
 pytestmark = [
     pytest.mark.cluster,
@@ -160,46 +160,68 @@ def test_interrupted_site_run_converges_on_the_next_run(cluster):
         client.close()
 
 
-def test_teardown_of_machines_removed_by_hand(cluster):
+def test_teardown_of_machines_removed_by_hand_or_not_answering(cluster):
+    """A worker removed by hand and a scheduler that no longer answers SSH do not
+    block teardown: it says what it could not save, then removes everything."""
     for name in docker_objects("container", CLUSTER):
-        subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
-    teardown("faults-teardown-hand-removed")
+        if name != SCHEDULER:
+            subprocess.run(["docker", "rm", "-f", name], check=True, capture_output=True)
+    assert docker_exec(SCHEDULER, "systemctl", "stop", "ssh.socket", "ssh.service").returncode == 0
+    run = run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={CLUSTER}",
+                       "-e", "jupyterlab_save_wait_timeout=5", name="faults-teardown-hand-removed")
+    assert f"Could not save the work on {SCHEDULER}: it does not answer" in run.output
     assert docker_objects("container", CLUSTER) == []
     assert docker_objects("network", CLUSTER) == []
     assert not STATE.exists()
 
 
-def test_idle_cluster_powers_itself_off():
-    """idle_shutdown: after that long without work the machines power off
-    (on AWS they are then terminated), so a forgotten cluster stops billing."""
+def test_idle_cluster_stops_its_scheduler_and_comes_back_with_the_notebooks():
+    """idle_shutdown: after that long without work the machines power off: the
+    workers are removed (on AWS terminated), the scheduler is stopped with its
+    disk, so a forgotten cluster stops billing and loses nothing; the next
+    site.yml starts the scheduler again, notebooks in place, with new workers."""
     idle = "idle"
-    args = ["-e", "provider=docker", "-e", f"cluster_name={idle}", "-e", "worker_count=1",
-            "-e", "idle_shutdown=40s", *extra_ca_args()]
+    scheduler, worker = f"dask-{idle}-scheduler", f"dask-{idle}-worker-1"
+    args = ["-e", "provider=docker", "-e", f"cluster_name={idle}", "-e", "worker_count=1", *extra_ca_args()]
     run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={idle}")
     try:
-        run_playbook("site.yml", *args, name="idle-site")
+        run_playbook("site.yml", *args, "-e", "idle_shutdown=40s", name="idle-site")
+        info = json.loads((ROOT / ".clusters" / idle / "cluster.json").read_text())
+        notebook = save_notebook(info, "kept.ipynb", "print('written before the cluster went idle')")
         ready = time.monotonic()
-        machines = docker_objects("container", idle)
-        assert len(machines) == 2
+        assert sorted(docker_objects("container", idle)) == [scheduler, worker]
 
         def running():
+            machines = docker_objects("container", idle)
             out = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", *machines],
-                                 capture_output=True, text=True, check=True).stdout.split()
-            return [m for m, state in zip(machines, out) if state == "true"]
+                                 capture_output=True, text=True).stdout.split()
+            return sorted(m for m, state in zip(machines, out) if state == "true")
 
         # Not before the idle time has passed...
         time.sleep(25)
-        assert running() == machines, "powered off before the cluster was idle for 40 s"
+        assert running() == [scheduler, worker], "powered off before the cluster was idle for 40 s"
         # ...but soon after it.
         deadline = time.monotonic() + 120
-        while running() and time.monotonic() < deadline:
+        while (running() or docker_objects("container", idle) != [scheduler]) and time.monotonic() < deadline:
             time.sleep(2)
         assert running() == [], "still running 2 minutes after becoming idle"
-        record("idle_shutdown=40s: every machine of an idle cluster powered off", time.monotonic() - ready, 90)
+        assert docker_objects("container", idle) == [scheduler], "the worker was not removed"
+        record("idle_shutdown=40s: an idle cluster powered off (workers removed, scheduler stopped)",
+               time.monotonic() - ready, 90)
         # A clean power-off (systemd's poweroff ends PID 1 with 0), not a crash:
-        # so the restart policy (on-failure) leaves the machines off.
-        codes = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}} {{.RestartCount}}", *machines],
-                               capture_output=True, text=True, check=True).stdout.split("\n")
-        assert [c for c in codes if c] == ["0 0"] * len(machines)
+        # so the restart policy (on-failure) leaves the scheduler off.
+        code = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}} {{.RestartCount}}", scheduler],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        assert code == "0 0"
+
+        run_playbook("site.yml", *args, name="idle-site-again")
+        info = json.loads((ROOT / ".clusters" / idle / "cluster.json").read_text())
+        assert jupyter_file(info, "kept.ipynb") == notebook
+        client = client_for(info)
+        try:
+            wait_for_workers(client, 1, timeout=60)
+            assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        finally:
+            client.close()
     finally:
         run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={idle}", name="idle-teardown")

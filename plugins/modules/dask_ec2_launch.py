@@ -14,6 +14,8 @@ description:
     HTTP 500. A spot quota (C(MaxSpotInstanceCountExceeded), or C(VcpuLimitExceeded) on spot) moves to on-demand.
   - The tags of the instances that already exist are brought to O(tags) (added, changed, others removed; the
     lifecycle tags are kept), as amazon.aws.ec2_instance with purge_tags did.
+  - The scheduler is launched with C(InstanceInitiatedShutdownBehavior=stop) (it keeps its disk when idle_shutdown
+    powers it off), the workers with C(terminate). An existing instance that is stopped is started again.
   - Throttling (C(RequestLimitExceeded)) is retried with exponential backoff and jitter.
   - When a machine cannot be had anywhere, or an on-demand quota refuses it, the module fails with one message
     that names the limit and what to do, after terminating the instances it launched itself (unless
@@ -193,7 +195,8 @@ class Launcher:
         params = {
             "ImageId": machine["image_id"], "InstanceType": machine["instance_type"], "MinCount": 1, "MaxCount": 1,
             "KeyName": self.p["key_name"], "SubnetId": subnet_id, "SecurityGroupIds": self.p["security_group_ids"],
-            "InstanceInitiatedShutdownBehavior": "terminate",
+            # idle_shutdown: the scheduler keeps its disk (and notebooks) when it powers itself off; workers go.
+            "InstanceInitiatedShutdownBehavior": "stop" if machine["role"] == "scheduler" else "terminate",
             "TagSpecifications": [
                 {"ResourceType": "instance", "Tags": [{"Key": k, "Value": str(v)} for k, v in tags.items()]},
                 {"ResourceType": "volume", "Tags": [{"Key": k, "Value": str(v)} for k, v in self.p["tags"].items()]},
@@ -259,6 +262,19 @@ class Launcher:
                         return existing[0]
         return last
 
+    def start(self, machine, inst):
+        """Start a machine that was stopped (a scheduler after idle_shutdown): its disk holds the user's work."""
+        if self.module.check_mode:
+            return
+        if inst["State"]["Name"] == "stopping":
+            self.read.get_waiter("instance_stopped").wait(InstanceIds=[inst["InstanceId"]])
+        try:
+            self.backoff(lambda: self.write.start_instances(InstanceIds=[inst["InstanceId"]]))
+        except botocore.exceptions.ClientError as error:
+            self.fail(f"EC2 refused to start the stopped {machine['name']} ({inst['InstanceId']}, {inst['InstanceType']}):"
+                      f" {error_code(error)}: {error.response.get('Error', {}).get('Message', '')}. Its disk is kept;"
+                      " run site.yml again later, or save its work and remove it with teardown.yml.")
+
     def fail(self, msg, **extra):
         kept = self.launched if self.p["keep_on_failure"] else []
         if self.launched and not self.p["keep_on_failure"] and not self.module.check_mode:
@@ -279,6 +295,9 @@ class Launcher:
                 inst = sorted(have, key=lambda i: i["LaunchTime"])[0]
                 changed |= self.retag(machine, inst)
                 results.append(self.describe(machine, inst, False))
+                if inst["State"]["Name"] in ("stopping", "stopped"):
+                    self.start(machine, inst)
+                    results[-1]["started"] = changed = True
             elif self.module.check_mode:
                 results.append({"name": machine["name"], "role": machine["role"], "instance_id": "",
                                 "instance_type": machine["instance_type"], "launched": True,
@@ -308,7 +327,7 @@ class Launcher:
 
     def summary(self, results, fallback, zones):
         lines = [f"{r['name']}: {r['instance_type']}, {r['lifecycle']}, {r['availability_zone'] or '?'}"
-                 f" ({'launched now' if r['launched'] else 'already there'}{', ' + r['instance_id'] if r['instance_id'] else ''})"
+                 f" ({'launched now' if r['launched'] else 'started again' if r.get('started') else 'already there'}{', ' + r['instance_id'] if r['instance_id'] else ''})"
                  for r in results]
         if fallback:
             codes = sorted({r["code"] for r in self.refused if r["lifecycle"] == "spot"})

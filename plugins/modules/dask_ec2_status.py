@@ -206,6 +206,8 @@ def _clusters(region, found, book, me, now):
             "instances": roles, "instance_types": types, "machines": by_role, "states": states, "spot_instances": spot,
             "on_demand_fallback": sorted(fallback),
             "volumes_gib": gib,
+            "monthly_storage_usd": None if storage is None else round(gib * storage * HOURS_PER_MONTH, 2),
+            "stopped": set(states) <= {"stopping", "stopped"},
             "launched": _iso(launched), "age_hours": round(_hours(launched, now), 2),
             "hourly_usd": None if missing else round(hourly, 4),
             "cost_so_far_usd": None if missing else round(so_far, 2),
@@ -289,6 +291,12 @@ def _report(clusters, leftovers, errors, regions, book, me):
                          _money(c["hourly_usd"], 4), _money(c["cost_so_far_usd"], 2)])
         lines += ["", f"Clusters ({len(clusters)}):"]
         lines += _table(rows, ["CLUSTER", "REGION", "MACHINES", "STATE", "AGE", "OWNER", "TAGS", "USD/HOUR", "USD SO FAR"])
+        for c in clusters:
+            if c["stopped"]:
+                lines.append(f"Stopped: {c['name']} ({c['region']}) keeps {c['volumes_gib']} GiB of disk with its notebooks,"
+                             f" about ${_money(c['monthly_storage_usd'], 2)} per month and no machine hours. site.yml"
+                             f" -e cluster_name={c['name']} starts it again; teardown.yml saves its notebooks, then"
+                             " removes it.")
         known = [c["hourly_usd"] for c in clusters if c["hourly_usd"] is not None]
         lines.append(f"Together: about ${sum(known):.4f} per hour"
                      + (" (not counting clusters without a known price)" if len(known) < len(clusters) else "") + ".")
