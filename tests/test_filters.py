@@ -47,11 +47,12 @@ def test_uv_environment():
     assert env["UV_INDEX_URL"] == "https://mirror.example/simple" and env["UV_COMPILE_BYTECODE"] == "0"
 
 
-def test_tls_certificate_of_a_machine_names_both_its_addresses_once():
+def test_tls_certificate_of_a_machine_names_both_its_addresses_once_and_localhost():
     host = {"inventory_hostname": "w1", "ansible_host": "54.1.2.3", "ansible_facts": {"default_ipv4": {"address": "10.0.0.5"}}}
-    assert cluster.dask_tls_certificate(host) == {"name": "w1", "addresses": ["54.1.2.3", "10.0.0.5"]}
+    assert cluster.dask_tls_certificate(host) == {"name": "w1",
+                                                  "addresses": ["54.1.2.3", "10.0.0.5", "localhost", "127.0.0.1"]}
     host["ansible_host"] = "10.0.0.5"
-    assert cluster.dask_tls_certificate(host)["addresses"] == ["10.0.0.5"]
+    assert cluster.dask_tls_certificate(host)["addresses"] == ["10.0.0.5", "localhost", "127.0.0.1"]
 
 
 @pytest.mark.parametrize(("value", "ok"), [("", True), ("30m", True), ("1.5h", True), ("90s", True), ("2d", True),

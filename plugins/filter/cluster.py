@@ -16,7 +16,9 @@ description:
     removes the workers whose names are not in the list.
   - C(git_project_name) gives the directory name C(git clone) makes of a URL.
   - C(dask_tls_certificate) gives the certificate request of a machine (its
-    host variables) - its name, the address it is reached at and its own.
+    host variables) - its name, the address it is reached at, its own, and
+    localhost and 127.0.0.1 (what a client reaches it as through an SSH
+    tunnel, make tunnel).
   - C(uv_environment) gives the environment uv runs with on a machine.
 """
 
@@ -46,9 +48,15 @@ def git_project_name(url):
     return re.sub(r"\.git$", "", name)
 
 
+# What a client on the controller reaches a machine as through an SSH tunnel
+# (make tunnel): TLS clients that check the name (a browser on Jupyter, Python's
+# ssl with check_hostname) then accept the machine's certificate there too.
+TUNNEL_NAMES = ["localhost", "127.0.0.1"]
+
+
 def dask_tls_certificate(host):
-    """A machine's certificate: its name, the address it is reached at, and its own address."""
-    addresses = [host["ansible_host"], host["ansible_facts"]["default_ipv4"]["address"]]
+    """A machine's certificate: its name, the address it is reached at, its own address, and localhost."""
+    addresses = [host["ansible_host"], host["ansible_facts"]["default_ipv4"]["address"], *TUNNEL_NAMES]
     return {"name": host["inventory_hostname"], "addresses": list(dict.fromkeys(addresses))}
 
 
