@@ -84,7 +84,7 @@ status: setup
 ## (make fails when it fails), or the tunnel to Jupyter, dashboard and scheduler.
 NODE ?= scheduler
 ssh:
-	@scripts/cluster-ssh $(CLUSTER) --node $(NODE) $(if $(strip $(CMD)),-- '$(subst ','\'',$(CMD))')
+	@scripts/cluster-ssh $(CLUSTER) --node $(NODE) $(if $(strip $(value CMD)),-- '$(subst ','\'',$(value CMD))')
 
 tunnel:
 	@scripts/cluster-ssh $(CLUSTER) --tunnel $(if $(strip $(PORTS)),--ports $(PORTS))

@@ -665,11 +665,14 @@ def test_tunnel_serves_the_cluster_on_localhost_with_verified_tls(cluster):
 
 def test_tunnel_only_checks_the_workers_over_ssh(cluster):
     """With tunnel_only the controller may reach nothing but SSH: the ready check asks on the scheduler's machine.
-    (configure.yml with an unknown tag runs only its always-tagged plays: select, prepare, report.)"""
-    run = run_playbook("playbooks/configure.yml", *SITE_ARGS, "-e", "tunnel_only=true", "--tags", "no-role",
+    (configure.yml --tags dask: the always-tagged plays, select, prepare and report, and the dask role.)"""
+    run = run_playbook("playbooks/configure.yml", *SITE_ARGS, "-e", "tunnel_only=true", "--tags", "dask",
                        name="configure-tunnel-only")
+    direct = re.search(r"TASK \[cluster : Wait until all workers have joined the scheduler\] \*+\n(?:\S.*\n)?(\w+):",
+                       run.output)
+    assert direct and direct.group(1) == "skipping", run.output[-3000:]
     asked = re.search(r"TASK \[cluster : Wait until all workers have joined the scheduler \(asked on its machine\)\]"
-                      r".*?\n(ok|changed): \[localhost -> (\S+)\]", run.output, re.S)
+                      r".*?\n(ok|changed): \[localhost -> ([^\](]+)", run.output, re.S)
     assert asked and asked.group(2) == SCHEDULER, run.output[-3000:]
     assert run.changed == 0, run.changed_tasks()
 
