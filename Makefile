@@ -5,6 +5,8 @@
 #   make demo-aws    the aws flow with no AWS account: a local EC2 emulator, then site.yml -e provider=aws
 #   make demo-aws-down  tear that cluster down and stop the emulator (nothing of either is left)
 #   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
+#   make ssh         a shell on the scheduler of CLUSTER (NODE=worker-1: a worker; CMD='...': run that instead)
+#   make tunnel      Jupyter, dashboard, scheduler of CLUSTER on localhost until Ctrl-C (PORTS=18888,18787,18786)
 #   make test        everything needed, then the whole test suite (CI runs this)
 #   make images      both local base images, Debian 12 and 13 (make image OS=debian-13: one)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
@@ -27,7 +29,7 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image images chromium demo demo-down demo-aws demo-aws-down status lint molecule test test-static browser bench clean
+.PHONY: help setup docker image images chromium demo demo-down demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -76,6 +78,16 @@ demo-aws-down: setup docker
 ## AWS: every cluster and leftover of this toolkit, priced (read-only; no provider needed)
 status: setup
 	$(PLAYBOOK) playbooks/status.yml $(if $(strip $(REGIONS)),-e regions=$(REGIONS),)
+
+## A cluster's machines from here, for either provider (scripts/cluster-ssh reads
+## .clusters/$(CLUSTER)/cluster.json and known_hosts): a shell, or one command
+## (make fails when it fails), or the tunnel to Jupyter, dashboard and scheduler.
+NODE ?= scheduler
+ssh:
+	@scripts/cluster-ssh $(CLUSTER) --node $(NODE) $(if $(strip $(value CMD)),-- '$(subst ','\'',$(value CMD))')
+
+tunnel:
+	@scripts/cluster-ssh $(CLUSTER) --tunnel $(if $(strip $(PORTS)),--ports $(PORTS))
 
 lint: setup
 	$(VENV)/bin/yamllint --strict .

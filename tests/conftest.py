@@ -58,15 +58,17 @@ def extra_ca_args() -> list[str]:
 
 
 def run_playbook(
-    playbook: str, *extra: str, check: bool = True, name: str | None = None, env: dict[str, str] | None = None
+    playbook: str, *extra: str, check: bool = True, name: str | None = None, env: dict[str, str] | None = None,
+    save_dir: Path | None = ARTIFACTS / "saved",
 ) -> PlaybookRun:
     """Run ansible-playbook from the project root; keep its log as an artifact.
 
     env, when given, is the whole environment of the run (e.g. one pointing at
-    a local EC2 API); the process's own environment is never changed."""
-    if playbook == "teardown.yml" and not any(arg.startswith("save_dir=") for arg in extra):
-        # The work teardown saves first stays among the test artifacts, not in saved/.
-        extra = (*extra, "-e", f"save_dir={ARTIFACTS / 'saved'}")
+    a local EC2 API); the process's own environment is never changed.
+    save_dir: where teardown.yml saves the notebooks first (among the test
+    artifacts, not in the repository's saved/); None: the playbook's default."""
+    if playbook == "teardown.yml" and save_dir and not any(arg.startswith("save_dir=") for arg in extra):
+        extra = (*extra, "-e", f"save_dir={save_dir}")
     args = [str(VENV_BIN / "ansible-playbook"), playbook, *extra]
     env = dict(env if env is not None else os.environ, ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1", PY_COLORS="0")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)

@@ -210,9 +210,12 @@ def test_instances_are_hardened(cluster):
         assert (volume["VolumeType"], volume["Encrypted"], volume["Size"]) == ("gp3", True, 30), name
 
 
-def test_security_group_allows_exactly_what_is_specified(cluster):
-    client = ec2(cluster["env"])
-    group = client.describe_security_groups(GroupNames=[f"dask-{CLUSTER}"])["SecurityGroups"][0]
+PUBLIC_PORTS, CLUSTER_PORTS = [22, 8888, 8787], [8786, 8788, 8789, 8790]
+
+
+def group_rules(env) -> tuple[dict, set]:
+    """The cluster's security group and its ingress rules as {(port, CIDR or "self")}."""
+    group = ec2(env).describe_security_groups(GroupNames=[f"dask-{CLUSTER}"])["SecurityGroups"][0]
     rules = set()
     for perm in group["IpPermissions"]:
         assert perm["IpProtocol"] == "tcp"
@@ -221,8 +224,12 @@ def test_security_group_allows_exactly_what_is_specified(cluster):
             rules |= {(port, "self") for p in perm.get("UserIdGroupPairs", []) if p["GroupId"] == group["GroupId"]}
             assert all(p["GroupId"] == group["GroupId"] for p in perm.get("UserIdGroupPairs", []))
             assert not perm.get("Ipv6Ranges")
-    public, cluster_ports = [22, 8888, 8787], [8786, 8788, 8789, 8790]
-    expected = {(p, c) for p in public + cluster_ports for c in CIDRS} | {(p, "self") for p in cluster_ports}
+    return group, rules
+
+
+def test_security_group_allows_exactly_what_is_specified(cluster):
+    group, rules = group_rules(cluster["env"])
+    expected = {(p, c) for p in PUBLIC_PORTS + CLUSTER_PORTS for c in CIDRS} | {(p, "self") for p in CLUSTER_PORTS}
     assert rules == expected
     assert all(inst["SecurityGroups"] == [{"GroupName": group["GroupName"], "GroupId": group["GroupId"]}]
                for inst in cluster["instances"].values())
@@ -241,6 +248,16 @@ def test_second_run_changes_nothing(cluster):
     assert run.changed == 0, run.changed_tasks()
     assert {n: i["InstanceId"] for n, i in instances(cluster["env"]).items()} == \
         {n: i["InstanceId"] for n, i in cluster["instances"].items()}
+
+
+def test_tunnel_only_opens_nothing_but_ssh_to_allowed_cidrs(cluster):
+    """The recipe of the README: everything else through make tunnel; the machines still reach each other."""
+    run = provision(cluster["env"], "-e", "worker_count=2", "-e", "tunnel_only=true", name="aws-provision-tunnel-only")
+    assert run.changed > 0
+    assert group_rules(cluster["env"])[1] == {(22, c) for c in CIDRS} | {(p, "self") for p in CLUSTER_PORTS}
+    provision(cluster["env"], "-e", "worker_count=2", name="aws-provision-tunnel-only-undone")
+    expected = {(p, c) for p in PUBLIC_PORTS + CLUSTER_PORTS for c in CIDRS} | {(p, "self") for p in CLUSTER_PORTS}
+    assert group_rules(cluster["env"])[1] == expected
 
 
 def test_ubuntu_when_asked_is_canonicals_newest(aws):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_checks import client_for, jupyter_get, run_in_kernel, save_file, save_notebook, wait_for_workers
+from cluster_checks import client_for, jupyter_get, run_in_kernel, save_file, save_notebook, security_for, wait_for_workers
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -45,7 +45,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-CLUSTER = "citest"
+# Another name (DASK_TEST_CLUSTER=...) lets two checkouts run these tests on one Docker engine.
+CLUSTER = os.environ.get("DASK_TEST_CLUSTER", "citest")
 WORKERS = 2
 # The user's project (jupyter_project_repo), served by `git daemon` on this machine.
 PROJECT = "citest-analysis"
@@ -479,6 +480,229 @@ def test_units_have_a_low_systemd_exposure_score(cluster, container, unit):
     assert score < 4.0, out[-3000:]
 
 
+# ---- Working on the cluster: files in and out, scripts, a shell and a tunnel ----
+
+SYNC_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}"]
+NOTEBOOKS = "/var/lib/dask/notebooks"
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under root, by relative path, with the sha256 of its bytes (read in chunks)."""
+    import hashlib
+
+    digests = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
+            digests[str(path.relative_to(root))] = digest.hexdigest()
+    return digests
+
+
+@pytest.mark.parametrize("method", ["auto", "copy"])
+def test_sync_up_then_down_returns_identical_bytes(cluster, tmp_path, method):
+    """auto is rsync here (the controller has it; the machine gets it); copy is the path without rsync."""
+    data = tmp_path / "data"
+    (data / "nested" / "deeper").mkdir(parents=True)
+    (data / "nested" / "deeper" / "notes with spaces.txt").write_text("a nested file\n")
+    (data / "nested" / "table.csv").write_text("x,y\n1,2\n")
+    with (data / "big.bin").open("wb") as big:
+        for _ in range(52):
+            big.write(os.urandom(1 << 20))  # 52 MiB that compress to nothing less
+    into = f"synctest-{method}"
+    save_dir = tmp_path / "saved"
+
+    up = run_playbook("playbooks/sync.yml", *SYNC_ARGS, "-e", f"up={data}/", "-e", f"into={into}",
+                      "-e", f"sync_method={method}", name=f"sync-up-{method}")
+    assert f"to {NOTEBOOKS}/{into}/data on {SCHEDULER} ({'rsync' if method == 'auto' else 'copy'})" in up.output
+    owners = docker_exec(SCHEDULER, "find", f"{NOTEBOOKS}/{into}", "-printf", "%u\\n").stdout.split()
+    assert set(owners) == {"dask"}, "the Jupyter user must own what was uploaded"
+    size = docker_exec(SCHEDULER, "stat", "-c", "%s", f"{NOTEBOOKS}/{into}/data/big.bin").stdout.strip()
+    assert size == str(52 << 20)
+
+    down = run_playbook("playbooks/sync.yml", *SYNC_ARGS, "-e", f"down={into}/data", "-e", f"save_dir={save_dir}",
+                        "-e", f"sync_method={method}", name=f"sync-down-{method}")
+    back = save_dir / CLUSTER / into / "data"
+    assert f"to {back} (" in down.output
+    assert tree(back) == tree(data)
+    assert len(tree(back)) == 3
+
+
+SYNC_REFUSALS = [
+    ([], "Neither up nor down is given"),
+    (["-e", "up=README.md", "-e", "down=x"], "Both up and down are given"),
+    (["-e", "up=/nonexistent/data"], "there is no file or folder /nonexistent/data on this machine"),
+    (["-e", "up=README.md", "-e", "into=../.."], "into=../.. is outside the notebook directory"),
+    (["-e", "down=../../../etc/shadow"], "down=../../../etc/shadow is outside the notebook directory"),
+    (["-e", "down=/etc/shadow"], "down=/etc/shadow is outside the notebook directory"),
+    (["-e", "down=no-such-results"], f"there is no {NOTEBOOKS}/no-such-results on {SCHEDULER}"),
+]
+
+
+def test_sync_refuses_bad_input_before_changing_anything(cluster, tmp_path):
+    before = docker_exec(SCHEDULER, "find", NOTEBOOKS, "-maxdepth", "1").stdout
+    for args, message in SYNC_REFUSALS:
+        run = run_playbook("playbooks/sync.yml", *SYNC_ARGS, *args, "-e", f"save_dir={tmp_path}", check=False)
+        assert run.returncode != 0, args
+        assert message in run.output, (args, run.output[-3000:])
+        assert all(host["changed"] == 0 for host in run.recap.values()), (args, run.changed_tasks())
+    assert docker_exec(SCHEDULER, "find", NOTEBOOKS, "-maxdepth", "1").stdout == before
+    assert list(tmp_path.iterdir()) == []
+
+
+RUN_SCRIPT = """\
+import getpass, json, os, sys
+from distributed import Client
+
+client = Client(timeout=30)  # no address: the kernels' Dask configuration
+n = int(sys.argv[1])
+total = client.submit(sum, range(n + 1)).result()
+workers = len(client.scheduler_info(n_workers=-1)["workers"])
+print(f"RESULT {total} WORKERS {workers} USER {getpass.getuser()} CWD {os.getcwd()}")
+with open("result.json", "w") as out:
+    json.dump({"total": total, "workers": workers, "args": sys.argv[1:]}, out)
+print("a line on stderr", file=sys.stderr)
+"""
+
+
+def runs_dir() -> Path:
+    return ROOT / "saved" / CLUSTER / "runs"
+
+
+def new_run(before: set[Path]) -> Path:
+    made = set(runs_dir().iterdir()) - before
+    assert len(made) == 1, made
+    return made.pop()
+
+
+def remove_run(saved: Path) -> None:
+    """The test's run, and saved/<cluster>/runs, saved/<cluster>, saved when that leaves them empty."""
+    shutil.rmtree(saved, ignore_errors=True)
+    try:
+        os.removedirs(saved.parent)
+    except OSError:
+        pass  # not empty: someone's saved work
+
+
+def test_run_script_computes_on_the_cluster_and_brings_back_its_output(cluster, tmp_path):
+    script = tmp_path / "compute.py"
+    script.write_text(RUN_SCRIPT)
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    before = set(runs_dir().iterdir())
+    run = run_playbook("playbooks/run.yml", *SYNC_ARGS, "-e", f"script={script}",
+                       "-e", '{"script_args": ["100", "two words"]}', name="run-compute")
+    saved = new_run(before)
+    try:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d{6}Z", saved.name)
+        line = re.search(r"RESULT .*?(?=\"|$)", run.output, re.MULTILINE).group(0)
+        assert line == f"RESULT 5050 WORKERS {WORKERS} USER dask CWD {NOTEBOOKS}/runs/{saved.name}"
+        assert "a line on stderr" in run.output
+        assert json.loads((saved / "result.json").read_text()) == {"total": 5050, "workers": WORKERS,
+                                                                  "args": ["100", "two words"]}
+        assert (saved / "compute.py").read_text() == RUN_SCRIPT
+        assert line in (saved / "run-output.log").read_text()
+    finally:
+        remove_run(saved)
+
+
+def test_run_script_that_raises_fails_the_playbook_with_its_error(cluster, tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text('open("partial.txt", "w").write("written before the error\\n")\n'
+                      'raise ValueError("deliberately broken input 42")\n')
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    before = set(runs_dir().iterdir())
+    run = run_playbook("playbooks/run.yml", *SYNC_ARGS, "-e", f"script={script}", check=False, name="run-broken")
+    saved = new_run(before)
+    try:
+        assert run.returncode != 0
+        assert "broken.py failed with exit status 1" in run.output
+        assert "ValueError: deliberately broken input 42" in run.output
+        assert "Traceback (most recent call last)" in run.output
+        assert (saved / "partial.txt").read_text() == "written before the error\n"
+        assert "ValueError: deliberately broken input 42" in (saved / "run-output.log").read_text()
+    finally:
+        remove_run(saved)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_tunnel_serves_the_cluster_on_localhost_with_verified_tls(cluster):
+    from distributed import Client
+
+    info = cluster["info"]
+    ports = [free_port() for _ in range(3)]
+    tunnel = subprocess.Popen(["make", "tunnel", f"CLUSTER={CLUSTER}", f"PORTS={','.join(map(str, ports))}"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(port_open(port) for port in ports):
+            assert tunnel.poll() is None, tunnel.stdout.read()
+            assert time.monotonic() < deadline, "the tunnel's ports did not open"
+            time.sleep(0.5)
+        jupyter, dashboard, scheduler = ports
+        # Dask's TLS through the tunnel, with the cluster's certificates.
+        client = Client(f"tls://localhost:{scheduler}", security=security_for(info), timeout=30)
+        try:
+            assert client.submit(lambda x: x * 2, 21).result(timeout=60) == 42
+            assert len(client.scheduler_info(n_workers=-1)["workers"]) == WORKERS
+        finally:
+            client.close()
+        # The scheduler's certificate names localhost: a client that checks names accepts it.
+        context = ssl.create_default_context(cafile=info["tls"]["ca_file"])
+        context.load_cert_chain(info["tls"]["cert_file"], info["tls"]["key_file"])
+        with socket.create_connection(("127.0.0.1", scheduler), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.getpeercert()
+        # So does Jupyter's (requests checks the name); it still wants the token.
+        assert requests.get(f"https://localhost:{jupyter}/api/kernels", verify=info["jupyter_ca_file"],
+                            timeout=10).status_code == 403
+        assert requests.get(f"http://localhost:{dashboard}/json/counts.json", timeout=10).json()["workers"] == WORKERS
+    finally:
+        os.killpg(tunnel.pid, 15)
+        output = tunnel.communicate(timeout=30)[0]
+    assert f"Jupyter Lab : https://localhost:{jupyter}/lab" in output, output
+    assert f"Dashboard   : http://localhost:{dashboard}/status" in output
+    assert f'client = Client("tls://localhost:{scheduler}", security=Security(' in output
+    assert not any(port_open(port) for port in ports), "the tunnel outlived its process"
+
+
+def test_tunnel_only_checks_the_workers_over_ssh(cluster):
+    """With tunnel_only the controller may reach nothing but SSH: the ready check asks on the scheduler's machine.
+    (configure.yml --tags dask: the always-tagged plays, select, prepare and report, and the dask role.)"""
+    run = run_playbook("playbooks/configure.yml", *SITE_ARGS, "-e", "tunnel_only=true", "--tags", "dask",
+                       name="configure-tunnel-only")
+    direct = re.search(r"TASK \[cluster : Wait until all workers have joined the scheduler\] \*+\n(?:\S.*\n)?(\w+):",
+                       run.output)
+    assert direct and direct.group(1) == "skipping", run.output[-3000:]
+    asked = re.search(r"TASK \[cluster : Wait until all workers have joined the scheduler \(asked on its machine\)\]"
+                      r".*?\n(ok|changed): \[localhost -> ([^\](]+)", run.output, re.S)
+    assert asked and asked.group(2) == SCHEDULER, run.output[-3000:]
+    assert run.changed == 0, run.changed_tasks()
+
+
+def test_make_ssh_runs_a_command_on_a_node(cluster):
+    run = subprocess.run(["make", "ssh", f"CLUSTER={CLUSTER}", "NODE=worker-1", "CMD=hostname; id -un"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [WORKER_1, cluster["info"]["ssh_user"]]
+    run = subprocess.run(["make", "ssh", f"CLUSTER={CLUSTER}", "CMD=cat /etc/hostname"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == SCHEDULER
+    failing = subprocess.run(["make", "ssh", f"CLUSTER={CLUSTER}", "CMD=exit 3"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert failing.returncode != 0
+    unknown = subprocess.run(["make", "ssh", f"CLUSTER={CLUSTER}", "NODE=worker-9", "CMD=true"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode != 0 and "has no machine 'worker-9'" in unknown.stderr
+
+
 def test_second_run_changes_nothing(cluster):
     # The user's edit of the getting-started notebook must survive the re-run.
     notebook = f"/var/lib/dask/notebooks/{NOTEBOOK}"
@@ -563,7 +787,8 @@ def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(
     notebook = save_notebook(info, "my-analysis.ipynb", "import dask\nprint('an evening of work')")
     save_file(info, "results/2026/ndvi.csv", b"month,ndvi\n1,0.42\n")
     # Without save_dir: saved/<cluster>/<UTC time>/ at the repository root.
-    run = teardown(name="teardown-1", save_dir="")
+    run = run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", name="teardown-1",
+                       save_dir=None)
     saved = re.search(rf"Saved the notebook directory of {SCHEDULER} into (\S+)\.", run.output)
     assert saved, run.output[-3000:]
     dest = Path(saved[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 import pytest
@@ -47,11 +48,12 @@ def test_uv_environment():
     assert env["UV_INDEX_URL"] == "https://mirror.example/simple" and env["UV_COMPILE_BYTECODE"] == "0"
 
 
-def test_tls_certificate_of_a_machine_names_both_its_addresses_once():
+def test_tls_certificate_of_a_machine_names_both_its_addresses_once_and_localhost():
     host = {"inventory_hostname": "w1", "ansible_host": "54.1.2.3", "ansible_facts": {"default_ipv4": {"address": "10.0.0.5"}}}
-    assert cluster.dask_tls_certificate(host) == {"name": "w1", "addresses": ["54.1.2.3", "10.0.0.5"]}
+    assert cluster.dask_tls_certificate(host) == {"name": "w1",
+                                                  "addresses": ["54.1.2.3", "10.0.0.5", "localhost", "127.0.0.1"]}
     host["ansible_host"] = "10.0.0.5"
-    assert cluster.dask_tls_certificate(host)["addresses"] == ["10.0.0.5"]
+    assert cluster.dask_tls_certificate(host)["addresses"] == ["10.0.0.5", "localhost", "127.0.0.1"]
 
 
 @pytest.mark.parametrize(("value", "ok"), [("", True), ("30m", True), ("1.5h", True), ("90s", True), ("2d", True),
@@ -87,3 +89,21 @@ def test_tls_pending_and_manifest(tmp_path):
     assert len(dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), False, 0, now)) == 2
     later = now + 336 * 86400
     assert len(dask_tls.dask_tls_pending(certs, manifest, str(tmp_path), False, 365, later)) == 2
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("results", "results"), ("results/", "results"), ("./a/b/../c", "a/c"), (".", "."), ("", "."),
+    ("/var/lib/dask/notebooks/x.ipynb", "x.ipynb"), ("/var/lib/dask/notebooks", "."),
+    ("..", ""), ("../other", ""), ("a/../../x", ""), ("/etc/passwd", ""), ("/var/lib/dask/notebooks-2/x", ""),
+])
+def test_notebook_relpath_keeps_paths_inside_the_notebook_directory(path, expected):
+    assert cluster.notebook_relpath(path, "/var/lib/dask/notebooks/") == expected
+
+
+def test_local_path_is_absolute_without_trailing_slash_or_symlink_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert cluster.local_path("link/") == str(tmp_path / "link")
+    assert cluster.local_path("./real/../real") == str(tmp_path / "real")
+    assert cluster.local_path("~") == os.path.expanduser("~")

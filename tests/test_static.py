@@ -158,6 +158,8 @@ BAD_INPUTS = [
     (["-e", "jupyter_project_repo=my project"], "jupyter_project_repo must be a git URL"),
     (["-e", "os_family=ubuntu-24.04"], "is not available on the local provider"),
     (["-e", "os_family=amazonlinux-2023"], "its system Python is 3.9"),
+    (["-e", "save_dir=.clusters/mine"], "save_dir must be a directory on this machine outside"),
+    (["-e", "save_dir="], "save_dir must be a directory on this machine outside"),
 ]
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 
 DOCUMENTATION = r"""
@@ -16,8 +18,15 @@ description:
     removes the workers whose names are not in the list.
   - C(git_project_name) gives the directory name C(git clone) makes of a URL.
   - C(dask_tls_certificate) gives the certificate request of a machine (its
-    host variables) - its name, the address it is reached at and its own.
+    host variables) - its name, the address it is reached at, its own, and
+    localhost and 127.0.0.1 (what a client reaches it as through an SSH
+    tunnel, make tunnel).
   - C(uv_environment) gives the environment uv runs with on a machine.
+  - C(local_path) gives the absolute, normalized form of a path on the
+    controller (C(~) expanded, relative to the current directory, trailing
+    slashes dropped, the last symlink not followed).
+  - C(notebook_relpath) gives a path on a machine relative to a directory
+    (the notebook directory), normalized; empty when the path is outside it.
 """
 
 EXAMPLES = r"""
@@ -46,9 +55,15 @@ def git_project_name(url):
     return re.sub(r"\.git$", "", name)
 
 
+# What a client on the controller reaches a machine as through an SSH tunnel
+# (make tunnel): TLS clients that check the name (a browser on Jupyter, Python's
+# ssl with check_hostname) then accept the machine's certificate there too.
+TUNNEL_NAMES = ["localhost", "127.0.0.1"]
+
+
 def dask_tls_certificate(host):
-    """A machine's certificate: its name, the address it is reached at, and its own address."""
-    addresses = [host["ansible_host"], host["ansible_facts"]["default_ipv4"]["address"]]
+    """A machine's certificate: its name, the address it is reached at, its own address, and localhost."""
+    addresses = [host["ansible_host"], host["ansible_facts"]["default_ipv4"]["address"], *TUNNEL_NAMES]
     return {"name": host["inventory_hostname"], "addresses": list(dict.fromkeys(addresses))}
 
 
@@ -63,6 +78,20 @@ def uv_environment(cache_dir, ca_bundle, index_url="", compile_bytecode=None):
     return env
 
 
+def local_path(path):
+    """An absolute path on the controller, as the user named it (not its symlink's target)."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def notebook_relpath(path, root):
+    """PATH (relative to ROOT, or absolute) relative to ROOT, normalized: '.' for ROOT itself,
+    '' when it is outside ROOT (a '..' too many, another absolute path)."""
+    path, root = str(path), posixpath.normpath(str(root))
+    full = posixpath.normpath(path if path.startswith("/") else posixpath.join(root, path))
+    relative = posixpath.relpath(full, root)
+    return "" if relative == ".." or relative.startswith("../") else relative
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -70,5 +99,7 @@ class FilterModule:
             "dask_tls_certificate": dask_tls_certificate,
             "dask_worker_names": dask_worker_names,
             "git_project_name": git_project_name,
+            "local_path": local_path,
+            "notebook_relpath": notebook_relpath,
             "uv_environment": uv_environment,
         }
