@@ -29,7 +29,7 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image images chromium demo demo-down demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
+.PHONY: help setup docker image images test-tools demo demo-down demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -54,9 +54,10 @@ image: docker
 images: docker
 	scripts/build-base-image all
 
-## Chromium and certutil from the distribution's packages (the browser test)
-chromium:
-	scripts/ensure-chromium
+## Chromium and certutil (the browser test) and rsync (sync.yml's rsync path)
+## from the distribution's packages
+test-tools:
+	scripts/ensure-test-tools
 
 demo: setup image
 	$(PLAYBOOK) site.yml -e provider=docker -e cluster_name=$(CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG)
@@ -106,11 +107,11 @@ else
 endif
 
 ## The local cluster's tests, the browser test among them (one cluster, ~12 min)
-browser: setup image chromium
+browser: setup image test-tools
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_cluster.py
 
 ## Everything
-test: setup images chromium
+test: setup images test-tools
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
 
 ## Benchmark (slow, noisy: not part of make test): make bench BENCH_ARGS="--runs 1"

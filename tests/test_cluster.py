@@ -311,7 +311,7 @@ BOKEH_STATE_JS = """() => {
 def lab(cluster, tmp_path_factory):
     """A logged-in Jupyter Lab page in headless Chromium that trusts the cluster's CA."""
     if not (Path(CHROMIUM).is_file() and shutil.which("certutil")):
-        pytest.fail(f"no Chromium at {CHROMIUM} or no certutil: run scripts/ensure-chromium (make test does)")
+        pytest.fail(f"no Chromium at {CHROMIUM} or no certutil: run scripts/ensure-test-tools (make test does)")
     from playwright.sync_api import sync_playwright
 
     info = cluster["info"]
