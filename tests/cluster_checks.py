@@ -4,6 +4,7 @@ from cluster.json, Jupyter's REST API and a kernel on the cluster."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 import warnings
@@ -29,6 +30,29 @@ def client_for(info, **kwargs):
         # The controller's Python patch level may differ from the nodes'.
         warnings.simplefilter("ignore")
         return Client(info["scheduler_address"], security=security_for(info), timeout=30, **kwargs)
+
+
+def printed_connect_lines(output: str) -> list[str]:
+    """The lines site.yml prints under "paste these lines:", up to the next empty line, exactly as printed."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("paste these lines:")) + 1
+    while not lines[start].strip():
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].strip():
+        end += 1
+    return lines[start:end]
+
+
+def run_pasted_lines(pasted: list[str], workers: int, cwd) -> None:
+    """Run the pasted lines with this repository's .venv/bin/python (in cwd), then compute with their client."""
+    python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+    script = "\n".join([*pasted,
+                        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
+                        "print('RESULT', client.submit(sum, range(101)).result())", ""])
+    run = subprocess.run([str(python), "-"], input=script, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["WORKERS", str(workers), "RESULT", "5050"], run.stdout
 
 
 def jupyter_get(info, url, **kwargs):

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_checks import client_for, jupyter_get, kernel_on_the_cluster, run_in_kernel, wait_for_workers
+from cluster_checks import (client_for, jupyter_get, kernel_on_the_cluster, printed_connect_lines, run_in_kernel,
+                            run_pasted_lines, wait_for_workers)
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -482,30 +483,12 @@ def test_units_have_a_low_systemd_exposure_score(cluster, container, unit):
 
 # ---- What site.yml prints at the end, as a user copies it ----
 
-def printed_connect_lines(output: str) -> list[str]:
-    """The lines under "paste these lines:" up to the next empty line, exactly as printed."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.endswith("paste these lines:")) + 1
-    while not lines[start].strip():
-        start += 1
-    end = start
-    while end < len(lines) and lines[end].strip():
-        end += 1
-    return lines[start:end]
-
-
 def test_printed_connect_lines_pasted_into_python_compute_on_the_cluster(cluster, tmp_path):
     pasted = printed_connect_lines(cluster["first_run"].output)
     assert pasted[0] == "from distributed import Client, Security", pasted
     assert pasted[-1].startswith("client = Client(\"tls://"), pasted
-    script = "\n".join([*pasted,
-                        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
-                        "print('RESULT', client.submit(sum, range(101)).result())", ""])
-    # Another working directory: the certificate paths in the line are absolute.
-    python = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-"], input=script, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert python.returncode == 0, python.stderr
-    assert python.stdout.split() == ["WORKERS", str(WORKERS), "RESULT", "5050"], python.stdout
+    # In another working directory: the certificate paths in the line are absolute.
+    run_pasted_lines(pasted, WORKERS, cwd=tmp_path)
 
 
 def test_the_summary_is_printed_as_plain_lines_and_kept_in_readme_txt(cluster):
