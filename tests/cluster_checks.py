@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -31,6 +33,29 @@ def client_for(info, **kwargs):
         return Client(info["scheduler_address"], security=security_for(info), timeout=30, **kwargs)
 
 
+def printed_connect_lines(output: str) -> list[str]:
+    """The lines site.yml prints under "paste these lines:", up to the next empty line, exactly as printed."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.endswith("paste these lines:")) + 1
+    while not lines[start].strip():
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].strip():
+        end += 1
+    return lines[start:end]
+
+
+def run_pasted_lines(pasted: list[str], workers: int, cwd) -> None:
+    """Run the pasted lines with this repository's .venv/bin/python (in cwd), then compute with their client."""
+    python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+    script = "\n".join([*pasted,
+                        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
+                        "print('RESULT', client.submit(sum, range(101)).result())", ""])
+    run = subprocess.run([str(python), "-"], input=script, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["WORKERS", str(workers), "RESULT", "5050"], run.stdout
+
+
 def jupyter_get(info, url, **kwargs):
     return requests.get(url, verify=info["jupyter_ca_file"], timeout=10, **kwargs)
 
@@ -46,21 +71,39 @@ def wait_for_workers(client, count: int, timeout: float) -> float:
 
 def run_in_kernel(info, code: str, timeout: float = 120, kernel_name: str = "python3") -> str:
     """Start a kernel through Jupyter's REST API, run code, return its stdout."""
+    with kernel_on_the_cluster(info, kernel_name=kernel_name) as execute:
+        return execute(code, timeout=timeout)
+
+
+@contextmanager
+def kernel_on_the_cluster(info, kernel_name: str = "python3", notebook: str | None = None):
+    """A kernel on the cluster through Jupyter's REST API; yields execute(code, timeout) -> its stdout.
+
+    With notebook (a path in the notebook directory) the kernel is started the
+    way Lab starts one for it (a session: the kernel works in its folder)."""
     token = Path(info["jupyter_token_file"]).read_text().strip()
     base = info["jupyter_url"].removesuffix("/lab")
     auth = {"Authorization": f"token {token}"}
     ca = info["jupyter_ca_file"]
-    kernel = requests.post(f"{base}/api/kernels", headers=auth, json={"name": kernel_name}, verify=ca, timeout=30)
-    assert kernel.status_code == 201, kernel.text
-    kernel_id = kernel.json()["id"]
+    if notebook is None:
+        started = requests.post(f"{base}/api/kernels", headers=auth, json={"name": kernel_name}, verify=ca, timeout=30)
+        assert started.status_code == 201, started.text
+        kernel_id, end = started.json()["id"], f"{base}/api/kernels/{started.json()['id']}"
+    else:
+        started = requests.post(f"{base}/api/sessions", headers=auth, verify=ca, timeout=60, json={
+            "path": notebook, "name": Path(notebook).name, "type": "notebook", "kernel": {"name": kernel_name}})
+        assert started.status_code == 201, started.text
+        kernel_id, end = started.json()["kernel"]["id"], f"{base}/api/sessions/{started.json()['id']}"
     ws = websocket.create_connection(
         base.replace("http", "ws", 1) + f"/api/kernels/{kernel_id}/channels",
-        header=[f"Authorization: token {token}"], timeout=timeout, sslopt={"ca_certs": ca},
+        header=[f"Authorization: token {token}"], timeout=60, sslopt={"ca_certs": ca},
     )
-    try:
+    session = uuid.uuid4().hex
+
+    def execute(code: str, timeout: float = 120) -> str:
         msg_id = uuid.uuid4().hex
         ws.send(json.dumps({
-            "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex,
+            "header": {"msg_id": msg_id, "username": "test", "session": session,
                        "msg_type": "execute_request", "version": "5.3"},
             "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
             "content": {"code": code, "silent": False, "store_history": False,
@@ -68,6 +111,7 @@ def run_in_kernel(info, code: str, timeout: float = 120, kernel_name: str = "pyt
         }))
         stdout, deadline = [], time.monotonic() + timeout
         while time.monotonic() < deadline:
+            ws.settimeout(max(deadline - time.monotonic(), 0.1))
             msg = json.loads(ws.recv())
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
@@ -81,9 +125,12 @@ def run_in_kernel(info, code: str, timeout: float = 120, kernel_name: str = "pyt
                 # shell channel's execute_reply may overtake the output.
                 return "".join(stdout)
         raise AssertionError("no reply from the kernel in time")
+
+    try:
+        yield execute
     finally:
         ws.close()
-        requests.delete(f"{base}/api/kernels/{kernel_id}", headers=auth, verify=ca, timeout=30)
+        requests.delete(end, headers=auth, verify=ca, timeout=30)
 
 
 def _jupyter_api(info):

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_checks import client_for, jupyter_file, jupyter_get, run_in_kernel, save_notebook, wait_for_workers
+from cluster_checks import (client_for, jupyter_file, jupyter_get, printed_connect_lines, run_in_kernel,
+                            run_pasted_lines, save_notebook, wait_for_workers)
 from conftest import ROOT, VENV_BIN, docker_available, extra_ca_args, run_playbook
 
 boto3 = pytest.importorskip("boto3")
@@ -260,6 +261,14 @@ def test_a_client_from_cluster_json_computes_on_every_worker(cluster):
         assert len(client.run(lambda: 1)) == 2
     finally:
         client.close()
+
+
+def test_the_printed_connect_lines_pasted_into_python_compute_on_the_cluster(cluster, tmp_path):
+    pasted = printed_connect_lines(cluster["first"].output)
+    assert pasted[-1].startswith(f'client = Client("{cluster["info"]["scheduler_address"]}", '), pasted
+    run_pasted_lines(pasted, 2, cwd=tmp_path)
+    assert (STATE / "README.txt").read_text().splitlines()[0] \
+        == f"Cluster '{CLUSTER}' is ready: 2 workers, Dask {cluster['info']['dask_version']}."
 
 
 def test_jupyter_needs_the_token_and_its_kernel_joins_the_cluster(cluster):

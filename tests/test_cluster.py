@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_checks import client_for, jupyter_get, run_in_kernel, save_file, save_notebook, security_for, wait_for_workers
+from cluster_checks import (client_for, jupyter_get, kernel_on_the_cluster, printed_connect_lines, run_in_kernel,
+                            run_pasted_lines, save_file, save_notebook, security_for, wait_for_workers)
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -51,8 +52,10 @@ WORKERS = 2
 # The user's project (jupyter_project_repo), served by `git daemon` on this machine.
 PROJECT = "citest-analysis"
 PROJECT_URL = f"git://{controller_address()}:{free_port()}/{PROJECT}.git"
+# The geospatial notebook's packages, the way its README section says to
+# install them (a vars file of the repository: the path is from ROOT).
 SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}",
-             "-e", f"jupyter_project_repo={PROJECT_URL}", *extra_ca_args()]
+             "-e", f"jupyter_project_repo={PROJECT_URL}", "-e", "@notebooks/geospatial.yml", *extra_ca_args()]
 STATE = ROOT / ".clusters" / CLUSTER
 ARTIFACTS_SCORES = ARTIFACTS / "systemd-exposure.txt"
 SCHEDULER = f"dask-{CLUSTER}-scheduler"
@@ -701,6 +704,110 @@ def test_make_ssh_runs_a_command_on_a_node(cluster):
     unknown = subprocess.run(["make", "ssh", f"CLUSTER={CLUSTER}", "NODE=worker-9", "CMD=true"], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode != 0 and "has no machine 'worker-9'" in unknown.stderr
+
+# ---- What site.yml prints at the end, as a user copies it ----
+
+def test_printed_connect_lines_pasted_into_python_compute_on_the_cluster(cluster, tmp_path):
+    pasted = printed_connect_lines(cluster["first_run"].output)
+    assert pasted[0] == "from distributed import Client, Security", pasted
+    assert pasted[-1].startswith("client = Client(\"tls://"), pasted
+    # In another working directory: the certificate paths in the line are absolute.
+    run_pasted_lines(pasted, WORKERS, cwd=tmp_path)
+
+
+def test_the_summary_is_printed_as_plain_lines_and_kept_in_readme_txt(cluster):
+    output = cluster["first_run"].output
+    readme = (STATE / "README.txt").read_text()
+    assert readme.startswith(f"Cluster '{CLUSTER}' is ready: {WORKERS} workers")
+    assert f"Tear down   : ansible-playbook teardown.yml -e provider=docker -e cluster_name={CLUSTER}" in readme
+    # Printed as it is in the file: every line, unquoted, unindented, unescaped.
+    shown = output.splitlines()
+    first = shown.index(readme.splitlines()[0])
+    assert shown[first:first + len(readme.splitlines())] == readme.splitlines()
+    assert '\\"' not in readme and "msg:" not in output[output.index("Show how to use the cluster"):]
+    assert stat.S_IMODE((STATE / "README.txt").stat().st_mode) == 0o600
+
+
+# ---- The geospatial notebook (notebooks/geospatial.ipynb) on the cluster ----
+
+GEO_NOTEBOOK = "geospatial.ipynb"
+
+
+def geospatial_reference(notebook: dict) -> dict:
+    """The notebook's summary computed here with plain numpy, from its own synthetic-data cell."""
+    import warnings
+
+    import numpy as np
+
+    cell = next(c for c in notebook["cells"] if "synthetic-data" in c["metadata"].get("tags", []))
+    synthetic: dict = {}
+    exec("".join(cell["source"]), synthetic)  # the repository's own cell, numpy only
+    months, rows, cols = synthetic["SYNTHETIC_SHAPE"]
+    t, y, x = np.ogrid[0:months, 0:rows, 0:cols]
+    red, nir = (synthetic["synthetic_band"](t, y, x, band) for band in ("red", "nir"))
+    ndvi = (nir - red) / (nir + red)
+    clear = ~np.isnan(ndvi)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # pixels under clouds all year: no greenest value
+        greenest = np.nanmax(ndvi, axis=0)
+    return {
+        "shape": [months, rows, cols],
+        "mean_ndvi": np.nanmean(ndvi, axis=(1, 2)).tolist(),
+        "vegetated_fraction": ((ndvi > 0.5).sum(axis=(1, 2)) / clear.sum(axis=(1, 2))).tolist(),
+        "clear_fraction": clear.mean(axis=(1, 2)).tolist(),
+        "greenest_mean": float(np.nanmean(greenest)),
+    }
+
+
+def test_geospatial_notebook_runs_every_cell_on_the_cluster_with_its_synthetic_stack(cluster):
+    info = cluster["info"]
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    contents = info["jupyter_url"].removesuffix("/lab") + "/api/contents"
+    auth = {"Authorization": f"token {token}"}
+    # The notebook as Jupyter serves it: the repository's, unchanged.
+    served = jupyter_get(info, f"{contents}/{GEO_NOTEBOOK}", headers=auth, params={"content": "1"})
+    assert served.status_code == 200, served.text
+    notebook = json.loads((ROOT / "notebooks" / GEO_NOTEBOOK).read_text())
+    def sources(cells):
+        return ["".join(c["source"]) for c in cells]
+    assert sources(served.json()["content"]["cells"]) == sources(notebook["cells"])
+
+    outputs = []
+    with kernel_on_the_cluster(info, notebook=GEO_NOTEBOOK) as execute:
+        for cell in notebook["cells"]:
+            if cell["cell_type"] != "code":
+                continue
+            outputs.append(execute("".join(cell["source"]), timeout=600))
+            if "parameters" in cell["metadata"].get("tags", []):
+                # As papermill does: a cell after the parameters. Synthetic
+                # whatever this network reaches, so the result is known.
+                outputs.append(execute("USE_INTERNET = False"))
+        # The settings file installed the packages on every worker too.
+        versions = execute("print(json.dumps(client.run(lambda: [__import__(m).__version__ "
+                           "for m in ('xarray', 'rioxarray', 'rasterio')])))")
+        assert len(json.loads(versions)) == WORKERS, versions
+        # The internet check answers quickly where a name does not resolve.
+        assert execute("print(reachable('no-such-host.invalid', timeout=2))").strip() == "False"
+    printed = "".join(outputs)
+    assert f"Workers  : {WORKERS} with" in printed, printed
+    assert "Source: synthetic" in printed, printed
+    assert "Written          : geospatial-ndvi.json" in printed, printed
+
+    result = jupyter_get(info, f"{contents}/geospatial-ndvi.json", headers=auth, params={"content": "1"})
+    assert result.status_code == 200, result.text
+    summary = json.loads(result.json()["content"])
+    expected = geospatial_reference(notebook)
+    assert summary["source"] == "synthetic"
+    assert summary["shape"] == expected["shape"]
+    assert summary["time"] == [f"2024-{month:02d}-01" for month in range(1, 13)]
+    for key in ("mean_ndvi", "vegetated_fraction", "clear_fraction"):
+        assert len(summary[key]) == expected["shape"][0], key
+        for month, (got, want) in enumerate(zip(summary[key], expected[key])):
+            assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6), (key, month, got, want)
+    assert math.isclose(summary["greenest_mean"], expected["greenest_mean"], rel_tol=1e-5)
+    # The synthetic fields green up in summer: a seasonal cycle, not noise.
+    assert max(summary["mean_ndvi"]) - min(summary["mean_ndvi"]) > 0.1
+    requests.delete(f"{contents}/geospatial-ndvi.json", headers=auth, verify=info["jupyter_ca_file"], timeout=30)
 
 
 def test_second_run_changes_nothing(cluster):

@@ -254,6 +254,61 @@ def test_getting_started_notebook_is_valid_and_has_no_outputs():
     assert "storage_options" in source and "READ_FROM_S3 = False" in source
 
 
+def test_geospatial_notebook_is_valid_has_no_outputs_and_forces_nothing():
+    """Outputs stay out of the repository; the tests find its parameters and synthetic-data cells by tag."""
+    import json
+
+    notebook = json.loads((ROOT / "notebooks" / "geospatial.ipynb").read_text())
+    assert notebook["nbformat"] == 4 and notebook["nbformat_minor"] >= 5
+    assert notebook["metadata"]["kernelspec"]["name"] == "python3"
+    assert len({cell["id"] for cell in notebook["cells"]}) == len(notebook["cells"])
+    tags = {}
+    for cell in notebook["cells"]:
+        assert cell["cell_type"] in ("markdown", "code"), cell
+        assert isinstance(cell["source"], list) and all(isinstance(line, str) for line in cell["source"])
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, "clear the outputs before committing"
+        for tag in cell["metadata"].get("tags", []):
+            tags[tag] = "".join(cell["source"])
+    source = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert "client = Client()" in source
+    assert not re.search(r"(tls|tcp)://|[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+", source)
+    # It decides by itself (internet or synthetic) unless the user says otherwise.
+    assert re.search(r"^USE_INTERNET = None$", tags["parameters"], re.MULTILINE)
+    # The synthetic data need numpy alone (tests/test_cluster.py runs that cell on the controller).
+    imports = re.findall(r"^\s*(?:import|from) (\w+)", tags["synthetic-data"], re.MULTILINE)
+    assert imports == ["numpy"], imports
+    # The internet-only packages are imported where they are used, not at the top.
+    assert not re.search(r"^(import|from) (rioxarray|rasterio|pyproj)", source, re.MULTILINE)
+
+
+def test_geospatial_settings_file_sets_settings_that_exist():
+    values = yaml.safe_load((ROOT / "notebooks" / "geospatial.yml").read_text())
+    assert set(values) <= set(settings_spec()), sorted(set(values) - set(settings_spec()))
+    assert {"xarray", "rioxarray"} <= set(values["extra_python_packages"])
+
+
+def test_a_text_for_people_is_printed_as_it_is(tmp_path):
+    """The project's stdout callback prints a debug msg marked show_as_text as plain lines; others as before."""
+    text = 'client = Client("tls://10.0.0.1:8786", security=Security(tls_ca_file="/a b/ca.pem"))'
+    playbook = tmp_path / "show.yml"
+    playbook.write_text(yaml.safe_dump([{
+        "name": "Show", "hosts": "localhost", "connection": "local", "gather_facts": False,
+        "tasks": [
+            {"name": "As text", "ansible.builtin.debug": {"msg": f"Ready:\n\n{text}\nEnd"},
+             "vars": {"show_as_text": True}},
+            {"name": "As a result", "ansible.builtin.debug": {"msg": f"Ready:\n{text}"}},
+        ],
+    }]))
+    out = run_playbook(str(playbook), "-i", "localhost,").output
+    plain = out[out.index("TASK [As text]"):out.index("TASK [As a result]")].splitlines()
+    assert plain[2:6] == ["Ready:", "", text, "End"], plain
+    assert "ok: [localhost]" not in "\n".join(plain)
+    assert 'Client(\\"tls://' in out[out.index("TASK [As a result]"):]
+    verbose = run_playbook(str(playbook), "-i", "localhost,", "-v").output
+    assert 'Client(\\"tls://' in verbose[verbose.index("TASK [As text]"):verbose.index("TASK [As a result]")]
+
+
 # --- One list of the user settings ------------------------------------------
 
 def settings_spec() -> dict:
