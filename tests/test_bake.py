@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster_checks import client_for, jupyter_get, run_in_kernel
+from cluster_checks import INSTALL_TASKS, client_for, jupyter_get, run_in_kernel, task_results
 from conftest import ROOT, docker_available, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -31,17 +31,6 @@ WORKERS = 2
 # bakes with the defaults, which this test must never replace or remove.
 PACKAGES = ["-e", '{"extra_python_packages": ["six"]}']
 DEFAULTS = yaml.safe_load((ROOT / "group_vars" / "all" / "main.yml").read_text())
-# What installs anything on a machine: none of these may report "changed" on
-# a machine of a baked image.
-INSTALL_TASKS = [
-    "common : Install the base packages that are missing (Debian family)",
-    "uv : Find uv's wheels in the package index (once, for every machine that needs uv)",
-    "uv : Download uv's wheel for this machine (checked against the index's sha256)",
-    "uv : Unpack uv from the wheel",
-    "dask : Create the Dask virtual environment",
-    "dask : Install the Dask environment",
-    "jupyterlab : Install Jupyter Lab and the Dask extension into the Dask environment",
-]
 MACHINES = [f"dask-{CLUSTER}-scheduler", *(f"dask-{CLUSTER}-worker-{n}" for n in range(1, WORKERS + 1))]
 
 
@@ -59,17 +48,6 @@ def in_image(image: str, script: str) -> str:
     """Run a shell script in a throwaway container of the image (not booted)."""
     return subprocess.run(["docker", "run", "--rm", "--entrypoint", "sh", image, "-c", script],
                           capture_output=True, text=True, check=True, timeout=120).stdout
-
-
-def task_results(output: str, task: str) -> list[str]:
-    """The result lines ("ok: [host]", "changed: [host]", "skipping: ...") of one task."""
-    lines, inside = [], False
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            inside = line.split("[", 1)[1].rsplit("]", 1)[0] == task
-        elif inside and re.match(r"^(ok|changed|skipping|failed|fatal): \[", line):
-            lines.append(line)
-    return lines
 
 
 @pytest.fixture(scope="module")
