@@ -158,6 +158,8 @@ BAD_INPUTS = [
     (["-e", "jupyter_project_repo=my project"], "jupyter_project_repo must be a git URL"),
     (["-e", "os_family=ubuntu-24.04"], "is not available on the local provider"),
     (["-e", "os_family=amazonlinux-2023"], "its system Python is 3.9"),
+    (["-e", "provider=aws", "-e", "base_image=dask-ec2-ansible/dask:x"],
+     "base_image (dask-ec2-ansible/dask:x) is an image of the local provider"),
 ]
 
 
