@@ -2,6 +2,7 @@
 #
 #   make demo        local cluster "demo" (1 scheduler, 2 workers, Jupyter Lab)
 #   make demo-down   remove it
+#   make bake        a baked local image (bake.yml): make demo BASE_IMAGE=<the name it prints> installs nothing
 #   make demo-aws    the aws flow with no AWS account: a local EC2 emulator, then site.yml -e provider=aws
 #   make demo-aws-down  tear that cluster down and stop the emulator (nothing of either is left)
 #   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
@@ -29,7 +30,7 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image images test-tools demo demo-down demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
+.PHONY: help setup docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -60,7 +61,11 @@ test-tools:
 	scripts/ensure-test-tools
 
 demo: setup image
-	$(PLAYBOOK) site.yml -e provider=docker -e cluster_name=$(CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG)
+	$(PLAYBOOK) site.yml -e provider=docker -e cluster_name=$(CLUSTER) -e worker_count=$(WORKERS) $(CA_ARG) \
+		$(if $(strip $(BASE_IMAGE)),-e base_image=$(BASE_IMAGE),)
+
+bake: setup image
+	$(PLAYBOOK) bake.yml -e provider=docker $(CA_ARG)
 
 demo-down: setup docker
 	$(PLAYBOOK) teardown.yml -e provider=docker -e cluster_name=$(CLUSTER)

@@ -1,10 +1,12 @@
 """Checks of a running cluster that every end-to-end test shares: a Dask client
-from cluster.json, Jupyter's REST API and a kernel on the cluster."""
+from cluster.json, Jupyter's REST API and a kernel on the cluster, and what a
+site.yml run's output says a task did."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -175,3 +177,27 @@ def save_file(info, path: str, data: bytes) -> None:
                                                "content": base64.b64encode(data).decode()},
                        headers=auth, verify=info["jupyter_ca_file"], timeout=30)
     assert put.status_code in (200, 201), put.text
+
+
+# What installs anything on a machine (tasks of a site.yml run): none of these
+# may report "changed" on a machine of a baked image.
+INSTALL_TASKS = [
+    "common : Install the base packages that are missing (Debian family)",
+    "uv : Find uv's wheels in the package index (once, for every machine that needs uv)",
+    "uv : Download uv's wheel for this machine (checked against the index's sha256)",
+    "uv : Unpack uv from the wheel",
+    "dask : Create the Dask virtual environment",
+    "dask : Install the Dask environment",
+    "jupyterlab : Install Jupyter Lab and the Dask extension into the Dask environment",
+]
+
+
+def task_results(output: str, task: str) -> list[str]:
+    """The result lines ("ok: [host]", "changed: [host]", "skipping: ...") of one task."""
+    lines, inside = [], False
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            inside = line.split("[", 1)[1].rsplit("]", 1)[0] == task
+        elif inside and re.match(r"^(ok|changed|skipping|failed|fatal): \[", line):
+            lines.append(line)
+    return lines

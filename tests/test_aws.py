@@ -399,6 +399,10 @@ MODULE_ACTIONS = {
     "aws_caller_info": {"sts:GetCallerIdentity"},
     "aws_region_info": {"ec2:DescribeRegions"},
     "ec2_ami_info": {"ec2:DescribeImages"},
+    # state: present from an instance only (bake.yml); tags are added after the image exists
+    "ec2_ami": {"ec2:CreateImage", "ec2:DescribeImages", "ec2:DescribeImageAttribute"},
+    # state: present on an image and its snapshots (bake.yml)
+    "ec2_tag": {"ec2:DescribeTags", "ec2:CreateTags", "ec2:DeleteTags"},
     "ec2_key": {"ec2:DescribeKeyPairs", "ec2:ImportKeyPair", "ec2:DeleteKeyPair", "ec2:CreateTags", "ec2:DeleteTags"},
     "ec2_key_info": {"ec2:DescribeKeyPairs"},
     "ec2_vpc_net_info": {"ec2:DescribeVpcs", "ec2:DescribeVpcAttribute"},

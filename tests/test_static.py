@@ -160,6 +160,8 @@ BAD_INPUTS = [
     (["-e", "os_family=amazonlinux-2023"], "its system Python is 3.9"),
     (["-e", "save_dir=.clusters/mine"], "save_dir must be a directory on this machine outside"),
     (["-e", "save_dir="], "save_dir must be a directory on this machine outside"),
+    (["-e", "provider=aws", "-e", "base_image=dask-ec2-ansible/dask:x"],
+     "base_image (dask-ec2-ansible/dask:x) is an image of the local provider"),
 ]
 
 
