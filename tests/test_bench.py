@@ -84,3 +84,18 @@ def test_table_shows_figures_and_verdicts(bench):
     assert "| first run to ready, 2 workers, warm package cache (seconds; indicative) | 100.0 | <= 60.0 | " \
            "FAIL (indicative) |" in text
     assert "- From a baked image (bake.yml, 35.0 s once): first run to ready, 2 workers: 41.0 s" in text
+
+
+def test_make_test_time_is_a_target_and_a_failed_run_is_a_miss(bench):
+    base = samples([100.0] * 3, [150.0] * 3, [20.0] * 3, [10.0] * 3, [60.0] * 3)
+    fast = dict(base, make_test={"minutes": 38.5, "passed": True, "commit": "abc", "date": "2026-11-23T15:00:00Z"})
+    result = bench.summarize(fast, {}, ARGS)
+    assert result["ratios"]["make_test_minutes"] == 38.5 and result["targets"]["make_test_minutes"]["pass"]
+    text = bench.table(result)
+    assert "| make test in a fresh clone (minutes) | 38.5 | <= 45.0 | pass |" in text
+    assert "- make test in a fresh clone: 38.5 min at abc, 2026-11-23T15:00:00Z (passed;" in text
+    slow = dict(base, make_test={"minutes": 52.0, "passed": True, "commit": "abc", "date": "x"})
+    assert not bench.summarize(slow, {}, ARGS)["targets"]["make_test_minutes"]["pass"]
+    failed = dict(base, make_test={"minutes": 20.0, "passed": False, "commit": "abc", "date": "x"})
+    assert not bench.summarize(failed, {}, ARGS)["targets"]["make_test_minutes"]["pass"]
+    assert "make_test_minutes" not in bench.summarize(base, {}, ARGS)["targets"]
