@@ -203,7 +203,9 @@ def test_instances_are_hardened(cluster):
     for name, inst in cluster["instances"].items():
         assert inst["MetadataOptions"]["HttpTokens"] == "required", name
         behaviour = client.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="instanceInitiatedShutdownBehavior")
-        assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate", name
+        # idle_shutdown: the scheduler keeps its disk (stopped), a worker goes (terminated).
+        expected = "stop" if name.endswith("-scheduler") else "terminate"
+        assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == expected, name
         root = [m for m in inst["BlockDeviceMappings"] if m["DeviceName"] == inst["RootDeviceName"]]
         assert root, f"{name}: no root volume mapping"
         volume = client.describe_volumes(VolumeIds=[root[0]["Ebs"]["VolumeId"]])["Volumes"][0]
