@@ -14,6 +14,9 @@
 #   make browser     the cluster tests, Jupyter Lab in Chromium among them
 
 SHELL := /bin/bash
+# No "make[1]: Entering directory" lines: make ssh CMD=... prints only what
+# the command prints, also when run from another make (make test's tests).
+MAKEFLAGS += --no-print-directory
 VENV := .venv
 PLAYBOOK := $(VENV)/bin/ansible-playbook
 # Networks that intercept TLS: a PEM bundle with their CA, installed on the
