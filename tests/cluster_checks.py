@@ -201,3 +201,32 @@ def task_results(output: str, task: str) -> list[str]:
         elif inside and re.match(r"^(ok|changed|skipping|failed|fatal): \[", line):
             lines.append(line)
     return lines
+
+
+def assert_back_with_the_notebook(info, path: str, notebook: bytes, workers: int) -> None:
+    """A cluster brought back by site.yml after idle_shutdown: the notebook saved before is there, byte for
+    byte, and the new workers compute."""
+    assert jupyter_file(info, path) == notebook
+    client = client_for(info)
+    try:
+        wait_for_workers(client, workers, timeout=60)
+        assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+    finally:
+        client.close()
+
+
+def assert_jupyter_wants_the_token_and_its_kernel_joins(info, workers: int) -> None:
+    """Jupyter refuses requests without the cluster's token and answers with it; a kernel's Client() with no
+    arguments joins this cluster and computes on its workers."""
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    api = info["jupyter_url"].removesuffix("/lab") + "/api"
+    assert jupyter_get(info, f"{api}/kernels").status_code == 403
+    assert jupyter_get(info, info["jupyter_url"], allow_redirects=False).status_code in (302, 403)
+    assert jupyter_get(info, f"{api}/kernels", headers={"Authorization": f"token {token}"}).status_code == 200
+    out = run_in_kernel(info, "\n".join([
+        "import distributed",
+        "client = distributed.Client(timeout=30)",
+        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
+        "print('RESULT', client.submit(sum, range(101)).result())",
+    ]))
+    assert dict(line.split(" ", 1) for line in out.strip().splitlines()) == {"WORKERS": str(workers), "RESULT": "5050"}

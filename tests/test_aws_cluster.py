@@ -24,14 +24,14 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from cluster_checks import (client_for, jupyter_file, jupyter_get, printed_connect_lines, run_in_kernel,
-                            run_pasted_lines, save_notebook, wait_for_workers)
-from conftest import ROOT, VENV_BIN, docker_available, extra_ca_args, run_playbook
+from cluster_checks import (assert_back_with_the_notebook, assert_jupyter_wants_the_token_and_its_kernel_joins,
+                            client_for, printed_connect_lines, run_pasted_lines, save_notebook, wait_for_workers)
+from emulator import running_emulator, wait_until
+from conftest import ROOT, docker_available, extra_ca_args, run_playbook
 
 boto3 = pytest.importorskip("boto3")
 
@@ -69,35 +69,13 @@ def machines() -> dict[str, str]:
     return dict(line.split(" ", 1) for line in emulator_objects("container"))
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
     """The EC2 emulator as `make demo-aws` runs it, in the foreground; always stopped."""
-    state = tmp_path_factory.mktemp("ec2-emulator")
-    log = (state / "run.log").open("w")
-    process = subprocess.Popen(
-        [str(VENV_BIN / "python"), str(ROOT / "scripts" / "ec2-emulator"), "run", "--state-dir", str(state),
-         "--name", EMULATOR, "--cidr", CIDR, "--region", REGION, "--uv-cache", str(ROOT / ".cache" / "uv")],
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        ready = wait_until(lambda: (state / "ready.json").is_file() and json.loads((state / "ready.json").read_text())
-                           or process.poll() is not None and {"died": True}, 120, "the emulator is ready")
-        assert "died" not in ready, (state / "run.log").read_text()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | ready["env"]
-        yield {**ready, "env": env, "state": state, "process": process}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=120)
-        log.close()
+    with running_emulator(tmp_path_factory.mktemp("ec2-emulator"), EMULATOR, CIDR, REGION) as emulator:
+        yield emulator
 
 
 def ec2(emulator):
@@ -272,19 +250,7 @@ def test_the_printed_connect_lines_pasted_into_python_compute_on_the_cluster(clu
 
 
 def test_jupyter_needs_the_token_and_its_kernel_joins_the_cluster(cluster):
-    info = cluster["info"]
-    token = Path(info["jupyter_token_file"]).read_text().strip()
-    api = info["jupyter_url"].removesuffix("/lab") + "/api"
-    assert jupyter_get(info, f"{api}/kernels").status_code == 403
-    assert jupyter_get(info, info["jupyter_url"], allow_redirects=False).status_code in (302, 403)
-    assert jupyter_get(info, f"{api}/kernels", headers={"Authorization": f"token {token}"}).status_code == 200
-    out = run_in_kernel(info, "\n".join([
-        "import distributed",
-        "client = distributed.Client(timeout=30)",
-        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
-        "print('RESULT', client.submit(sum, range(101)).result())",
-    ]))
-    assert dict(line.split(" ", 1) for line in out.strip().splitlines()) == {"WORKERS": "2", "RESULT": "5050"}
+    assert_jupyter_wants_the_token_and_its_kernel_joins(cluster["info"], workers=2)
 
 
 def test_a_second_run_changes_nothing(cluster):
@@ -388,13 +354,7 @@ def test_idle_shutdown_stops_the_scheduler_terminates_the_workers_and_site_bring
     assert now[SCHEDULER]["InstanceId"] == found[SCHEDULER]["InstanceId"], "the same scheduler, started again"
     assert now[f"dask-{CLUSTER}-worker-1"]["InstanceId"] != worker_id, "a new worker"
     info = json.loads((STATE / "cluster.json").read_text())
-    assert jupyter_file(info, "kept.ipynb") == notebook
-    client = client_for(info)
-    try:
-        wait_for_workers(client, 1, timeout=60)
-        assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
-    finally:
-        client.close()
+    assert_back_with_the_notebook(info, "kept.ipynb", notebook, workers=1)
 
 
 def test_teardown_of_a_stopped_scheduler_saves_its_notebooks_then_leaves_nothing_and_can_run_twice(cluster):

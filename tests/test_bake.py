@@ -10,12 +10,12 @@ import hashlib
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster_checks import INSTALL_TASKS, client_for, jupyter_get, run_in_kernel, task_results
+from cluster_checks import (INSTALL_TASKS, assert_jupyter_wants_the_token_and_its_kernel_joins, client_for,
+                            task_results)
 from conftest import ROOT, docker_available, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -153,18 +153,7 @@ def test_a_client_from_cluster_json_computes_on_every_worker(cluster):
 
 
 def test_jupyter_needs_the_token_and_its_kernel_joins_the_cluster(cluster):
-    info = cluster["info"]
-    token = Path(info["jupyter_token_file"]).read_text().strip()
-    api = info["jupyter_url"].removesuffix("/lab") + "/api"
-    assert jupyter_get(info, f"{api}/kernels").status_code == 403
-    assert jupyter_get(info, f"{api}/kernels", headers={"Authorization": f"token {token}"}).status_code == 200
-    out = run_in_kernel(info, "\n".join([
-        "import distributed",
-        "client = distributed.Client(timeout=30)",
-        "print('WORKERS', len(client.scheduler_info(n_workers=-1)['workers']))",
-        "print('RESULT', client.submit(sum, range(101)).result())",
-    ]))
-    assert dict(line.split(" ", 1) for line in out.strip().splitlines()) == {"WORKERS": "2", "RESULT": "5050"}
+    assert_jupyter_wants_the_token_and_its_kernel_joins(cluster["info"], workers=WORKERS)
 
 
 def test_a_second_run_changes_nothing(cluster):

@@ -11,17 +11,15 @@ emulator tests and `make demo-aws`."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 import yaml
 
 from cluster_checks import INSTALL_TASKS, client_for, run_in_kernel, task_results
-from conftest import ROOT, VENV_BIN, docker_available, extra_ca_args, run_playbook
+from emulator import running_emulator
+from conftest import ROOT, docker_available, extra_ca_args, run_playbook
 
 boto3 = pytest.importorskip("boto3")
 
@@ -40,13 +38,6 @@ CLUSTER_TAG = "dask-ec2-ansible:cluster"
 MACHINES = [f"dask-{CLUSTER}-scheduler", f"dask-{CLUSTER}-worker-1", f"dask-{CLUSTER}-worker-2"]
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def emulator_images() -> list[str]:
@@ -57,23 +48,8 @@ def emulator_images() -> list[str]:
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    state = tmp_path_factory.mktemp("ec2-emulator-bake")
-    log = (state / "run.log").open("w")
-    process = subprocess.Popen(
-        [str(VENV_BIN / "python"), str(ROOT / "scripts" / "ec2-emulator"), "run", "--state-dir", str(state),
-         "--name", EMULATOR, "--cidr", CIDR, "--region", REGION, "--uv-cache", str(ROOT / ".cache" / "uv")],
-        stdout=log, stderr=subprocess.STDOUT)
-    try:
-        ready = wait_until(lambda: (state / "ready.json").is_file() and json.loads((state / "ready.json").read_text())
-                           or process.poll() is not None and {"died": True}, 120, "the emulator is ready")
-        assert "died" not in ready, (state / "run.log").read_text()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | ready["env"]
-        yield {**ready, "env": env, "state": state}
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=120)
-        log.close()
+    with running_emulator(tmp_path_factory.mktemp("ec2-emulator-bake"), EMULATOR, CIDR, REGION) as emulator:
+        yield emulator
 
 
 def ec2(emulator):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ARTIFACTS, ROOT, VENV_BIN, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
-from cluster_checks import client_for, jupyter_file, save_notebook, wait_for_workers
+from cluster_checks import assert_back_with_the_notebook, client_for, save_notebook, wait_for_workers
 
 pytestmark = [
     pytest.mark.cluster,
@@ -216,12 +216,6 @@ def test_idle_cluster_stops_its_scheduler_and_comes_back_with_the_notebooks():
 
         run_playbook("site.yml", *args, name="idle-site-again")
         info = json.loads((ROOT / ".clusters" / idle / "cluster.json").read_text())
-        assert jupyter_file(info, "kept.ipynb") == notebook
-        client = client_for(info)
-        try:
-            wait_for_workers(client, 1, timeout=60)
-            assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
-        finally:
-            client.close()
+        assert_back_with_the_notebook(info, "kept.ipynb", notebook, workers=1)
     finally:
         run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={idle}", name="idle-teardown")
