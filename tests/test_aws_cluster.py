@@ -9,7 +9,7 @@ addresses and SSH user, the roles on those hosts, certificates for those
 addresses, a Dask client and Jupyter at them, scale-down through a real
 scheduler, idle_shutdown ending in EC2 terminations, teardown.
 
-What still differs from real EC2 (README, "What the tests prove"): machines
+What still differs from real EC2 (docs/tests.md, "What the tests prove"): machines
 boot in a second, not 30-60 s; the emulator plays cloud-init's part (key,
 default user, host keys) rather than cloud-init itself; no public addresses
 (aws_private_network); security groups and IAM conditions are not enforced
@@ -259,7 +259,7 @@ def test_a_second_run_changes_nothing(cluster):
 
 
 def test_sync_run_and_ssh_work_on_the_aws_path(cluster, tmp_path):
-    """The verbs of a researcher's day (README, "Working on the cluster") through the aws_ec2 inventory and
+    """The verbs of a researcher's day (docs/working.md) through the aws_ec2 inventory and
     cluster.json of an aws cluster: the same playbooks and script the local provider's tests prove in depth."""
     emulator = cluster["emulator"]
     args = ["-e", f"@{emulator['state'] / 'vars.yml'}", "-e", f"cluster_name={CLUSTER}", "-e", f"save_dir={tmp_path}"]
