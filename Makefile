@@ -33,13 +33,18 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
+.PHONY: help setup collection-link docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
 ## Controller: uv, .venv/ from uv.lock, collections check
-setup: $(VENV)/.setup-done
+setup: $(VENV)/.setup-done collection-link
+
+## This checkout as the collection dask_ec2_ansible.cluster (ansible.cfg's
+## collections_path): a link, checked on every make setup (cheap)
+collection-link:
+	@scripts/link-collection
 
 $(VENV)/.setup-done: pyproject.toml uv.lock requirements.yml scripts/bootstrap
 	scripts/bootstrap

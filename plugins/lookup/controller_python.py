@@ -22,7 +22,7 @@ description:
 EXAMPLES = r"""
 - name: Show the controller's Python
   ansible.builtin.debug:
-    msg: "{{ lookup('controller_python') }}"
+    msg: "{{ lookup('dask_ec2_ansible.cluster.controller_python') }}"
 """
 
 RETURN = r"""

@@ -63,7 +63,7 @@ api_error: {description: Why the Price List API was not used, null when it was.,
 spot_note: {description: What the estimate means for spot machines, empty without spot., type: str, returned: always}
 """
 
-from ansible.module_utils.dask_ec2_pricing import (
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_pricing import (
     HOURS_PER_MONTH, PRICE_LIST_REGION, SPOT_NOTE, PriceBook, estimate, pricing_config,
 )
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule

@@ -96,7 +96,7 @@ except ImportError:
     pass  # AnsibleAWSModule reports it
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible.module_utils.dask_ec2_retry import CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, call_with_backoff, error_code
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, call_with_backoff, error_code
 
 LIFECYCLE_TAG = "dask-ec2-ansible:lifecycle"
 ROLE_TAG = "dask-ec2-ansible:role"

@@ -94,10 +94,10 @@ table:
 import concurrent.futures
 import datetime
 
-from ansible.module_utils.dask_ec2_pricing import (
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_pricing import (
     HOURS_PER_MONTH, PRICE_LIST_REGION, SPOT_NOTE, PriceBook, pricing_config,
 )
-from ansible.module_utils.dask_ec2_retry import READ_RETRIES
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import READ_RETRIES
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 PREFIX = "dask-ec2-ansible:"
