@@ -339,3 +339,17 @@ def test_wrong_type_of_a_setting_is_refused_by_its_spec():
     run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "dask_tls=maybe", check=False)
     assert run.returncode != 0
     assert "dask_tls" in run.output and "bool" in run.output, run.output[-2000:]
+
+
+# Debian release names of the base images Molecule runs every scenario on.
+DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
+
+
+def test_every_role_declares_the_platforms_it_is_tested_on():
+    config = yaml.safe_load((ROOT / ".config" / "molecule" / "config.yml").read_text())
+    tested = sorted(DEBIAN_RELEASES[p["image"].rsplit(":", 1)[1]] for p in config["platforms"])
+    assert tested == ["bookworm", "trixie"]
+    for role in sorted(p.name for p in (ROOT / "roles").iterdir() if p.is_dir()):
+        meta = yaml.safe_load((ROOT / "roles" / role / "meta" / "main.yml").read_text())["galaxy_info"]
+        assert meta["platforms"] == [{"name": "Debian", "versions": tested}], role
+        assert (meta["role_name"], meta["namespace"], meta["license"]) == (role, "dask_ec2_ansible", "BSD-3-Clause")
