@@ -253,7 +253,7 @@ def test_second_run_changes_nothing(cluster):
 
 
 def test_tunnel_only_opens_nothing_but_ssh_to_allowed_cidrs(cluster):
-    """The recipe of the README: everything else through make tunnel; the machines still reach each other."""
+    """The recipe of docs/working.md: everything else through make tunnel; the machines still reach each other."""
     run = provision(cluster["env"], "-e", "worker_count=2", "-e", "tunnel_only=true", name="aws-provision-tunnel-only")
     assert run.changed > 0
     assert group_rules(cluster["env"])[1] == {(22, c) for c in CIDRS} | {(p, "self") for p in CLUSTER_PORTS}

@@ -9,6 +9,7 @@ import argparse
 import importlib.machinery
 import importlib.util
 import json
+import os
 
 import pytest
 
@@ -99,3 +100,22 @@ def test_make_test_time_is_a_target_and_a_failed_run_is_a_miss(bench):
     failed = dict(base, make_test={"minutes": 20.0, "passed": False, "commit": "abc", "date": "x"})
     assert not bench.summarize(failed, {}, ARGS)["targets"]["make_test_minutes"]["pass"]
     assert "make_test_minutes" not in bench.summarize(base, {}, ARGS)["targets"]
+
+
+def test_results_go_into_the_performance_page(bench, tmp_path):
+    """--update-docs rewrites docs/performance.md's bench block (README.md's before the split), plot linked from there."""
+    assert bench.RESULTS_PAGE == ROOT / "docs" / "performance.md"
+    shipped = bench.RESULTS_PAGE.read_text()
+    assert shipped.count("<!-- bench:start -->") == 1 and shipped.count("<!-- bench:end -->") == 1
+    assert "](../bench/bench.png)" in shipped.split("<!-- bench:start -->")[1].split("<!-- bench:end -->")[0]
+    page = tmp_path / "docs" / "performance.md"
+    page.parent.mkdir()
+    page.write_text("# Performance\n\nbefore\n<!-- bench:start -->\nold figures\n<!-- bench:end -->\nafter\n")
+    bench.update_docs("| new | figures |", page)
+    text = page.read_text()
+    assert "old figures" not in text and "| new | figures |" in text
+    assert text.startswith("# Performance\n\nbefore\n<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->\nafter\n")
+    assert f"]({os.path.relpath(ROOT / 'bench' / 'bench.png', page.parent)})" in text
+    page.write_text("# Performance\n\nno markers\n")
+    with pytest.raises(SystemExit, match="no <!-- bench:start -->"):
+        bench.update_docs("x", page)

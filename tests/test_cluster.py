@@ -52,7 +52,7 @@ WORKERS = 2
 # The user's project (jupyter_project_repo), served by `git daemon` on this machine.
 PROJECT = "citest-analysis"
 PROJECT_URL = f"git://{controller_address()}:{free_port()}/{PROJECT}.git"
-# The geospatial notebook's packages, the way its README section says to
+# The geospatial notebook's packages, the way docs/working.md says to
 # install them (a vars file of the repository: the path is from ROOT).
 SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}",
              "-e", f"jupyter_project_repo={PROJECT_URL}", "-e", "@notebooks/geospatial.yml", *extra_ca_args()]

@@ -1,7 +1,7 @@
 """Faults on the local provider (real containers, real systemd, real Dask):
 each test breaks something, measures how long the cluster takes to recover
 and asserts that against a stated bound. The measured times are written to
-tests/artifacts/recovery-times.txt (the README's "what happens when" table)."""
+tests/artifacts/recovery-times.txt (the table of docs/failures.md)."""
 
 from __future__ import annotations
 

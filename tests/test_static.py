@@ -360,12 +360,31 @@ def test_settings_have_one_list_of_names_types_and_defaults():
     assert all(option.get("type") and option.get("description") for option in spec.values())
 
 
-def test_readme_documents_every_setting_and_no_other():
-    readme = (ROOT / "README.md").read_text()
-    first_cells = re.findall(r"^\| (`[a-z_]+`(?:, `[a-z_]+`)*) \|", readme, re.MULTILINE)
-    rows = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
+def settings_rows(text: str) -> dict[str, str]:
+    """The rows of a page's settings tables, by the setting(s) named in their first cell."""
+    rows = {}
+    for line in re.findall(r"^\| `[a-z_]+`(?:, `[a-z_]+`)* \|.*$", text, re.MULTILINE):
+        first = line.split(" | ", 1)[0]
+        rows.update({name: line for name in re.findall(r"`([a-z_]+)`", first)})
+    return rows
+
+
+def test_settings_reference_documents_every_setting_and_no_other():
+    rows = settings_rows((ROOT / "docs" / "settings.md").read_text())
     spec = set(settings_spec())
-    assert spec - rows == set(), f"settings missing from the README's tables: {sorted(spec - rows)}"
+    assert spec - set(rows) == set(), f"settings missing from docs/settings.md's tables: {sorted(spec - set(rows))}"
+    assert set(rows) - spec == set(), f"rows of docs/settings.md that are no setting: {sorted(set(rows) - spec)}"
+
+
+def test_readme_shows_ten_settings_as_the_reference_has_them():
+    """The front page's short table is rows of the reference, copied exactly (so it cannot drift)."""
+    front = settings_rows((ROOT / "README.md").read_text())
+    reference = settings_rows((ROOT / "docs" / "settings.md").read_text())
+    assert len(front) == 10, sorted(front)
+    for name, row in front.items():
+        assert name in reference, f"README shows {name}, which docs/settings.md does not"
+        # links are relative to each page: compare the rows without their targets
+        assert re.sub(r"\]\([^)]*\)", "]", row) == re.sub(r"\]\([^)]*\)", "]", reference[name]), name
 
 
 def test_wrong_type_of_a_setting_is_refused_by_its_spec():
