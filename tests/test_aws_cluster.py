@@ -251,10 +251,11 @@ runcmd:
 SCRIPT = "#!/bin/sh\necho \"$0\" > /var/tmp/script-ran\n"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def booted(emulator, key_pair):
     """Two instances launched as EC2 users launch them, IMDSv2 required: one with a #cloud-config and an
-    instance profile, one with a #! script and no profile; both until the end of the module."""
+    instance profile, one with a #! script and no profile; both terminated, their machines gone, after the
+    tests of the class (the cluster's teardown test expects no machine of any instance)."""
     profile = instance_profile(emulator, "emulator-test-reader")
     tokens = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
     ami = debian_ami(emulator)
@@ -268,71 +269,77 @@ def booted(emulator, key_pair):
         yield {"config": config, "script": script, "profile": profile, "key": key_pair}
     finally:
         ec2(emulator).terminate_instances(InstanceIds=[config["InstanceId"], script["InstanceId"]])
+        wait_until(lambda: not {config["InstanceId"], script["InstanceId"]} & set(machines()), 60,
+                   "the two machines removed")
 
 
-def test_user_data_runs_through_cloud_init_and_so_does_the_key_pair(booted, key_pair):
-    config, script = booted["config"]["PrivateIpAddress"], booted["script"]["PrivateIpAddress"]
-    for address in (config, script):
-        status = ssh(key_pair, address, "cloud-init status --long").stdout
-        assert re.search(r"^status: done$", status, re.M), status
-        assert "DataSourceNoCloud" in status, status
-        # The key reached the default user through cloud-init (its ssh module), whose log says it wrote it.
-        assert re.search(r"Writing to /home/admin/\.ssh/authorized_keys",
-                         ssh(key_pair, address, "sudo cat /var/log/cloud-init.log").stdout), "cloud-init wrote the key"
-    out = ssh(key_pair, config, "cat /etc/from-user-data; echo; cat /var/tmp/runcmd-ran-as; ls /var/tmp").stdout
-    assert out.splitlines()[:2] == ["written by cloud-init's write_files", "root"], out
-    assert "script-ran" not in out
-    ran = ssh(key_pair, script, "cat /var/tmp/script-ran; test -e /etc/from-user-data || echo no-file").stdout.split()
-    assert ran[0].startswith("/var/lib/cloud/instance"), "cloud-init ran the script from its instance directory"
-    assert ran[1] == "no-file"
+class TestAMachineBootsAsOnEC2:
+    """cloud-init, instance metadata and credentials on two instances of their own (gone before the
+    cluster tests below, whose teardown expects no machine of any instance left)."""
+
+    def test_user_data_runs_through_cloud_init_and_so_does_the_key_pair(self, booted, key_pair):
+        config, script = booted["config"]["PrivateIpAddress"], booted["script"]["PrivateIpAddress"]
+        for address in (config, script):
+            status = ssh(key_pair, address, "cloud-init status --long").stdout
+            assert re.search(r"^status: done$", status, re.M), status
+            assert "DataSourceNoCloud" in status, status
+            # The key reached the default user through cloud-init (its ssh module), whose log says it wrote it.
+            assert re.search(r"Writing to /home/admin/\.ssh/authorized_keys",
+                             ssh(key_pair, address, "sudo cat /var/log/cloud-init.log").stdout), "cloud-init wrote the key"
+        out = ssh(key_pair, config, "cat /etc/from-user-data; echo; cat /var/tmp/runcmd-ran-as; ls /var/tmp").stdout
+        assert out.splitlines()[:2] == ["written by cloud-init's write_files", "root"], out
+        assert "script-ran" not in out
+        ran = ssh(key_pair, script, "cat /var/tmp/script-ran; test -e /etc/from-user-data || echo no-file").stdout.split()
+        assert ran[0].startswith("/var/lib/cloud/instance"), "cloud-init ran the script from its instance directory"
+        assert ran[1] == "no-file"
 
 
-def test_each_machine_gets_its_own_metadata_with_a_token_and_none_without(booted):
-    key = booted["key"]
-    answers = {}
-    for name in ("config", "script"):
-        launched = booted[name]
-        address = launched["PrivateIpAddress"]
-        got = metadata(key, address, "meta-data/instance-id", "meta-data/placement/availability-zone",
-                       "meta-data/placement/region", "meta-data/local-ipv4", "meta-data/mac")
-        assert got == [f"{launched['InstanceId']} 200", f"{REGION}a 200", f"{REGION} 200", f"{address} 200",
-                       f"{launched['NetworkInterfaces'][0]['MacAddress']} 200"], got
-        mac = ssh(key, address, "cat /sys/class/net/eth0/address").stdout.strip()
-        assert mac == launched["NetworkInterfaces"][0]["MacAddress"], "the machine has its interface's address"
-        # Launched with HttpTokens=required: IMDSv1 (no token) is refused, as EC2 refuses it.
-        assert metadata(key, address, "meta-data/instance-id", token=False) == ["401"]
-        answers[name] = got
-    assert answers["config"] != answers["script"]
+    def test_each_machine_gets_its_own_metadata_with_a_token_and_none_without(self, booted):
+        key = booted["key"]
+        answers = {}
+        for name in ("config", "script"):
+            launched = booted[name]
+            address = launched["PrivateIpAddress"]
+            got = metadata(key, address, "meta-data/instance-id", "meta-data/placement/availability-zone",
+                           "meta-data/placement/region", "meta-data/local-ipv4", "meta-data/mac")
+            assert got == [f"{launched['InstanceId']} 200", f"{REGION}a 200", f"{REGION} 200", f"{address} 200",
+                           f"{launched['NetworkInterfaces'][0]['MacAddress']} 200"], got
+            mac = ssh(key, address, "cat /sys/class/net/eth0/address").stdout.strip()
+            assert mac == launched["NetworkInterfaces"][0]["MacAddress"], "the machine has its interface's address"
+            # Launched with HttpTokens=required: IMDSv1 (no token) is refused, as EC2 refuses it.
+            assert metadata(key, address, "meta-data/instance-id", token=False) == ["401"]
+            answers[name] = got
+        assert answers["config"] != answers["script"]
 
 
-def test_a_machine_with_an_instance_profile_has_its_roles_credentials_and_one_without_has_none(booted):
-    key, config, script = booted["key"], booted["config"], booted["script"]
-    info = metadata(key, config["PrivateIpAddress"], "meta-data/iam/info", "meta-data/iam/security-credentials/")
-    assert f'"InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/{booted["profile"]}"' in info[0]
-    assert info[1] == f"{booted['profile']} 200"
-    assert metadata(key, script["PrivateIpAddress"], "meta-data/iam/security-credentials/") == ["404"]
-    for launched in (config, script):
-        copy_boto3(key, launched["PrivateIpAddress"])
-    mine = who_am_i(key, config["PrivateIpAddress"])
-    assert mine == {"arn": f"arn:aws:sts::123456789012:assumed-role/{booted['profile']}/{config['InstanceId']}",
-                    "instances": [config["InstanceId"]]}, "the role's session, and the API reached from inside"
-    assert who_am_i(key, script["PrivateIpAddress"]) == {"error": "NoCredentialsError"}
+    def test_a_machine_with_an_instance_profile_has_its_roles_credentials_and_one_without_has_none(self, booted):
+        key, config, script = booted["key"], booted["config"], booted["script"]
+        info = metadata(key, config["PrivateIpAddress"], "meta-data/iam/info", "meta-data/iam/security-credentials/")
+        assert f'"InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/{booted["profile"]}"' in info[0]
+        assert info[1] == f"{booted['profile']} 200"
+        assert metadata(key, script["PrivateIpAddress"], "meta-data/iam/security-credentials/") == ["404"]
+        for launched in (config, script):
+            copy_boto3(key, launched["PrivateIpAddress"])
+        mine = who_am_i(key, config["PrivateIpAddress"])
+        assert mine == {"arn": f"arn:aws:sts::123456789012:assumed-role/{booted['profile']}/{config['InstanceId']}",
+                        "instances": [config["InstanceId"]]}, "the role's session, and the API reached from inside"
+        assert who_am_i(key, script["PrivateIpAddress"]) == {"error": "NoCredentialsError"}
 
 
-def test_the_machines_reach_nothing_else_of_this_machine(booted, emulator):
-    """Only the metadata service and the API are open to the machines on the gateway: a port this test opens
-    there is refused to them."""
-    with socket.create_server((emulator["gateway"], 0)) as listener:
-        port = listener.getsockname()[1]
-        threading.Thread(target=lambda: listener.accept(), daemon=True).start()
-        probe = ssh(booted["key"], booted["script"]["PrivateIpAddress"],
-                    f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' http://{emulator['gateway']}:{port}/; echo \" $?\"; "
-                    f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {emulator['imds_endpoint']}/latest/; echo; "
-                    f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {emulator['inside_endpoint']}/; echo")
-    refused, imds, api = probe.stdout.splitlines()
-    assert refused == "000 7", f"connection refused expected: {refused}"
-    assert imds == "401", "the metadata service answers (and wants its token)"
-    assert api != "000", "the API answers"
+    def test_the_machines_reach_nothing_else_of_this_machine(self, booted, emulator):
+        """Only the metadata service and the API are open to the machines on the gateway: a port this test opens
+        there is refused to them."""
+        with socket.create_server((emulator["gateway"], 0)) as listener:
+            port = listener.getsockname()[1]
+            threading.Thread(target=lambda: listener.accept(), daemon=True).start()
+            probe = ssh(booted["key"], booted["script"]["PrivateIpAddress"],
+                        f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' http://{emulator['gateway']}:{port}/; echo \" $?\"; "
+                        f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {emulator['imds_endpoint']}/latest/; echo; "
+                        f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {emulator['inside_endpoint']}/; echo")
+        refused, imds, api = probe.stdout.splitlines()
+        assert refused == "000 7", f"connection refused expected: {refused}"
+        assert imds == "401", "the metadata service answers (and wants its token)"
+        assert api != "000", "the API answers"
 
 
 # ---- site.yml -e provider=aws on the emulator ------------------------------------------------------------
