@@ -39,9 +39,13 @@ def installed(tmp_path_factory):
     assert build.returncode == 0, build.stdout + build.stderr
     (artifact,) = tmp.glob(f"{NAMESPACE}-{NAME}-*.tar.gz")
     collections = tmp / "collections"
-    install = subprocess.run([str(VENV_BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "-p",
-                              str(collections), str(artifact)], capture_output=True, text=True, cwd=tmp)
+    # --force and a collections path of its own: a copy already installed elsewhere on this machine
+    # (~/.ansible/collections, say) would otherwise make ansible-galaxy install nothing here.
+    install_env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections))
+    install = subprocess.run([str(VENV_BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "--force", "-p",
+                              str(collections), str(artifact)], capture_output=True, text=True, cwd=tmp, env=install_env)
     assert install.returncode == 0, install.stdout + install.stderr
+    assert (collections / "ansible_collections" / NAMESPACE / NAME / "MANIFEST.json").is_file(), install.stdout
     # Away from the checkout: no ansible.cfg of ours, no .collections link.
     project = tmp / "elsewhere"
     project.mkdir()
