@@ -358,3 +358,61 @@ def test_wrong_type_of_a_setting_is_refused_by_its_spec():
     run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "dask_tls=maybe", check=False)
     assert run.returncode != 0
     assert "dask_tls" in run.output and "bool" in run.output, run.output[-2000:]
+
+
+# --- Wrong shapes and cluster_environment, refused before anything exists -----
+
+def shaped_settings() -> list[tuple[str, str]]:
+    return sorted((name, option["type"]) for name, option in settings_spec().items() if option["type"] in ("list", "dict"))
+
+
+def refused_before_anything(run, name: str = "badinput") -> None:
+    assert run.returncode != 0
+    assert "Provision the cluster's machines" not in run.output
+    if docker_available():
+        assert docker_objects("container", name) == []
+    assert not (ROOT / ".clusters" / name).exists()
+
+
+@pytest.mark.parametrize(("setting", "kind"), shaped_settings())
+@pytest.mark.parametrize("given", ["key=value", "json-string", "json-number"])
+def test_a_list_or_mapping_setting_of_another_shape_is_refused_by_name(setting, kind, given):
+    if setting == "regions" and given != "json-number":
+        pytest.skip('regions takes "eu-west-1,us-east-1" too (documented)')
+    arg = {"key=value": f"{setting}=numpy; touch x", "json-string": f'{{"{setting}": "numpy"}}',
+           "json-number": f'{{"{setting}": 5}}'}[given]
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=badinput", "-e", arg, check=False)
+    refused_before_anything(run)
+    assert setting in run.output
+    if kind == "list":
+        assert f"{setting} must be a list" in run.output, run.output[-3000:]
+
+
+BAD_ENVIRONMENTS = [
+    ({"PATH": "/tmp"}, "may not set PATH"),
+    ({"LD_PRELOAD": "x.so"}, "may not set LD_PRELOAD"),
+    ({"PYTHONPATH": "/x"}, "may not set PYTHONPATH"),
+    ({"DASK_CONFIG": "/x"}, "may not set DASK_CONFIG"),
+    ({"HOME": "/root"}, "may not set HOME"),
+    ({"1BAD": "x"}, "1BAD is not a variable name"),
+    ({"AWS_SECRET_ACCESS_KEY": "x"}, "looks like a secret (AWS_SECRET_ACCESS_KEY)"),
+    ({"AWS_SESSION_TOKEN": "x"}, "looks like a secret (AWS_SESSION_TOKEN)"),
+    ({"DB_PASSWORD": "x"}, "looks like a secret (DB_PASSWORD)"),
+    ({"KEY_ID": "AKIA" + "ABCDEFGHIJKLMNOP"}, "looks like a secret (KEY_ID)"),
+    ({"SOMETHING": "a" * 20 + "B/" * 10}, "looks like a secret (SOMETHING)"),
+]
+
+
+@pytest.mark.parametrize(("environment", "message"), BAD_ENVIRONMENTS, ids=[next(iter(e)) for e, _ in BAD_ENVIRONMENTS])
+def test_cluster_environment_refuses_names_and_secrets_before_anything(environment, message):
+    import json
+
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=badinput",
+                       "-e", json.dumps({"cluster_environment": environment}), check=False)
+    refused_before_anything(run)
+    assert message in run.output, run.output[-3000:]
+    for value in environment.values():
+        if len(value) >= 20:
+            assert value not in run.output, "a secret-looking value was printed"
+    if "secret" in message:
+        assert "s3_read_buckets" in run.output and "iam_instance_profile" in run.output
