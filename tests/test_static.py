@@ -405,3 +405,73 @@ def test_every_role_declares_the_platforms_it_is_tested_on():
         meta = yaml.safe_load((ROOT / "roles" / role / "meta" / "main.yml").read_text())["galaxy_info"]
         assert meta["platforms"] == [{"name": "Debian", "versions": tested}], role
         assert (meta["role_name"], meta["namespace"], meta["license"]) == (role, "dask_ec2_ansible", "BSD-3-Clause")
+
+
+# --- Wrong shapes and cluster_environment, refused before anything exists -----
+
+def shaped_settings() -> list[tuple[str, str]]:
+    return sorted((name, option["type"]) for name, option in settings_spec().items() if option["type"] in ("list", "dict"))
+
+
+def refused_before_anything(run, name: str = "badinput") -> None:
+    assert run.returncode != 0
+    assert "Provision the cluster's machines" not in run.output
+    if docker_available():
+        assert docker_objects("container", name) == []
+    assert not (ROOT / ".clusters" / name).exists()
+
+
+def test_every_list_or_mapping_setting_of_another_shape_is_refused_by_name():
+    """One run with every such setting wrong (the checks report them all): a string, as -e name=value
+    and a JSON string give, and a number for regions (which also takes "eu-west-1,us-east-1")."""
+    import json
+
+    lists = [name for name, kind in shaped_settings() if kind == "list"]
+    mappings = [name for name, kind in shaped_settings() if kind == "dict"]
+    assert "extra_python_packages" in lists and "cluster_environment" in mappings
+    wrong = {name: 5 if name == "regions" else "numpy" for name in lists if name != "extra_python_packages"}
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=badinput",
+                       "-e", "extra_python_packages=numpy; touch x", "-e", json.dumps(wrong), check=False)
+    refused_before_anything(run)
+    for name in lists:
+        assert f"{name} must be a list" in run.output, (name, run.output[-3000:])
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=badinput",
+                       "-e", json.dumps(dict.fromkeys(mappings, "numpy")), check=False)
+    refused_before_anything(run)
+    for name in mappings:
+        assert name in run.output, (name, run.output[-3000:])
+
+
+BAD_ENVIRONMENTS = [
+    ({"PATH": "/tmp"}, "may not set PATH"),
+    ({"LD_PRELOAD": "x.so"}, "may not set LD_PRELOAD"),
+    ({"PYTHONPATH": "/x"}, "may not set PYTHONPATH"),
+    ({"DASK_CONFIG": "/x"}, "may not set DASK_CONFIG"),
+    ({"HOME": "/root"}, "may not set HOME"),
+    ({"1BAD": "x"}, "1BAD is not a variable name"),
+    ({"AWS_SECRET_ACCESS_KEY": "x"}, "looks like a secret (AWS_SECRET_ACCESS_KEY)"),
+    ({"AWS_SESSION_TOKEN": "x"}, "looks like a secret (AWS_SESSION_TOKEN)"),
+    ({"DB_PASSWORD": "x"}, "looks like a secret (DB_PASSWORD)"),
+    ({"KEY_ID": "AKIA" + "ABCDEFGHIJKLMNOP"}, "looks like a secret (KEY_ID)"),
+    ({"SOMETHING": "a" * 20 + "B/" * 10}, "looks like a secret (SOMETHING)"),
+]
+
+
+def test_cluster_environment_refuses_names_and_secrets_before_anything():
+    """One run with every bad name and value (the checks report them all), no secret-looking value printed."""
+    import json
+
+    environment = {name: value for bad, _ in BAD_ENVIRONMENTS for name, value in bad.items()}
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=badinput",
+                       "-e", json.dumps({"cluster_environment": environment}), check=False)
+    refused_before_anything(run)
+    lines = run.output.splitlines()
+    for bad, message in BAD_ENVIRONMENTS:
+        (name,) = bad
+        # The checks name every offender of a kind in one message: "may not set PATH, LD_PRELOAD: ...".
+        phrase = message.split(" (")[0].replace(name, "").strip()
+        assert any(phrase in line and name in line for line in lines), (message, run.output[-3000:])
+    for value in environment.values():
+        if len(value) >= 20:
+            assert value not in run.output, "a secret-looking value was printed"
+    assert "s3_read_buckets" in run.output and "iam_instance_profile" in run.output
