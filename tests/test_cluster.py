@@ -52,10 +52,13 @@ WORKERS = 2
 # The user's project (jupyter_project_repo), served by `git daemon` on this machine.
 PROJECT = "citest-analysis"
 PROJECT_URL = f"git://{controller_address()}:{free_port()}/{PROJECT}.git"
+# A setting for the whole cluster, with what systemd would read as a specifier (%), a quote and a backslash.
+ENVIRONMENT = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "LAB_NOTE": 'half of 100% is "50%" \\ not more'}
 # The geospatial notebook's packages, the way docs/working.md says to
 # install them (a vars file of the repository: the path is from ROOT).
 SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}",
-             "-e", f"jupyter_project_repo={PROJECT_URL}", "-e", "@notebooks/geospatial.yml", *extra_ca_args()]
+             "-e", f"jupyter_project_repo={PROJECT_URL}", "-e", "@notebooks/geospatial.yml",
+             "-e", json.dumps({"cluster_environment": ENVIRONMENT, "requester_pays": True}), *extra_ca_args()]
 STATE = ROOT / ".clusters" / CLUSTER
 ARTIFACTS_SCORES = ARTIFACTS / "systemd-exposure.txt"
 SCHEDULER = f"dask-{CLUSTER}-scheduler"
@@ -706,6 +709,29 @@ def test_make_ssh_runs_a_command_on_a_node(cluster):
     assert unknown.returncode != 0 and "has no machine 'worker-9'" in unknown.stderr
 
 # ---- What site.yml prints at the end, as a user copies it ----
+
+def test_cluster_environment_reaches_every_worker_the_scheduler_and_the_kernel(cluster):
+    """cluster_environment and requester_pays, as the workers' tasks, the scheduler and a notebook see them."""
+    wanted = dict(ENVIRONMENT, AWS_REQUEST_PAYER="requester", FSSPEC_S3_REQUESTER_PAYS="true")
+
+    def environment(names=tuple(wanted)):
+        import os as os_
+
+        return {name: os_.environ.get(name) for name in names}
+
+    client = client_for(cluster["info"])
+    try:
+        wait_for_workers(client, WORKERS)
+        on_workers = client.run(environment)
+        on_scheduler = client.run_on_scheduler(environment)
+    finally:
+        client.close()
+    assert len(on_workers) == WORKERS and all(seen == wanted for seen in on_workers.values()), on_workers
+    assert on_scheduler == wanted
+    out = run_in_kernel(cluster["info"], f"import os, json\nprint('ENV', json.dumps({{n: os.environ.get(n) for n in {sorted(wanted)!r}}}))")
+    (line,) = [line for line in out.splitlines() if line.startswith("ENV ")]
+    assert json.loads(line[4:]) == wanted
+
 
 def test_printed_connect_lines_pasted_into_python_compute_on_the_cluster(cluster, tmp_path):
     pasted = printed_connect_lines(cluster["first_run"].output)
