@@ -273,8 +273,8 @@ def test_ubuntu_when_asked_is_canonicals_newest(aws):
             assert inst["ImageId"] == NEWEST_UBUNTU_AMD64, "newest official Ubuntu 24.04, never a look-alike"
             assert tags(inst)["dask-ec2-ansible:ssh-user"] == "ubuntu"
     finally:
-        # save_work=false: on plain moto no machine answers, and the save would wait 60 s for SSH to
-        # say so (test_teardown_removes_everything_and_can_run_twice proves that path once).
+        # save_work=false: on plain moto no machine answers, and the save would try SSH to moto's invented
+        # public addresses (tests/test_faults.py proves the path of machines that do not answer).
         run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={name}", "-e", "save_work=false",
                      env=aws, name="aws-teardown-ubuntu")
     assert leftovers(aws, name) == nothing_left(aws, name)
@@ -345,7 +345,9 @@ def test_scale_down_removes_the_highest_numbers_and_keeps_the_rest(cluster):
 def test_teardown_removes_everything_and_can_run_twice(cluster):
     env = cluster["env"]
     assert leftovers(env, CLUSTER) != nothing_left(env, CLUSTER)
-    run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={CLUSTER}", env=env, name="aws-teardown")
+    # save_work=false: see test_ubuntu_when_asked_is_canonicals_newest.
+    run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={CLUSTER}", "-e", "save_work=false",
+                 env=env, name="aws-teardown")
     assert leftovers(env, CLUSTER) == nothing_left(env, CLUSTER)
     assert not (ROOT / ".clusters" / CLUSTER).exists()
     again = run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={CLUSTER}", env=env,
@@ -527,7 +529,7 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
         run_playbook("playbooks/provision.yml", *BASE_ARGS, "-e", "cluster_name=awsiam", "-e", "worker_count=1",
                      env=env, name="aws-iam-provision")
         assert sorted(instances(env, "awsiam")) == ["dask-awsiam-scheduler", "dask-awsiam-worker-1"]
-        # save_work=false: no machine answers on moto (see test_teardown_removes_everything_and_can_run_twice).
+        # save_work=false: no machine answers on moto (see test_ubuntu_when_asked_is_canonicals_newest).
         run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=awsiam", "-e", "save_work=false", env=env,
                      name="aws-iam-teardown")
         assert leftovers(env, "awsiam") == nothing_left(env, "awsiam")

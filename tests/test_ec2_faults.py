@@ -131,8 +131,8 @@ def provision(proxy, cluster, *args, check=True):
 def teardown_leaves_nothing(proxy, cluster):
     env = aws_env(proxy.url)
     proxy.clear()
-    # save_work=false: behind the proxy no machine answers, and the save would wait 60 s for SSH to say
-    # so on every test (tests/test_aws.py proves that path once on moto).
+    # save_work=false: behind the proxy no machine answers, and the save would try SSH to moto's invented
+    # public addresses (tests/test_faults.py proves the path of machines that do not answer).
     run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={cluster}", "-e", "save_work=false",
                  env=env, name=f"faults-{cluster}-teardown")
     assert leftovers(env, cluster) == nothing_left(env, cluster)
