@@ -12,6 +12,7 @@
 #                    (NODE=all|scheduler|worker-N SERVICE=all|scheduler|worker|jupyter|autoscaler SINCE=1h FOLLOW=1)
 #   make ssh-config  .clusters/CLUSTER/ssh_config (ssh CLUSTER-worker-1, VS Code) and the Include line for ~/.ssh/config
 #   make test        everything needed, then the whole test suite (CI runs this)
+#   make sanity      ansible-test sanity on the collection, offline (make test runs it too)
 #   make images      both local base images, Debian 12 and 13 (make image OS=debian-13: one)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
 #   make browser     the cluster tests, Jupyter Lab in Chromium among them
@@ -36,13 +37,18 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel logs ssh-config lint molecule test test-static browser bench clean
+.PHONY: help setup collection-link sanity docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel logs ssh-config lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
 ## Controller: uv, .venv/ from uv.lock, collections check
-setup: $(VENV)/.setup-done
+setup: $(VENV)/.setup-done collection-link
+
+## This checkout as the collection dask_ec2_ansible.cluster (ansible.cfg's
+## collections_path): a link, checked on every make setup (cheap)
+collection-link:
+	@scripts/link-collection
 
 $(VENV)/.setup-done: pyproject.toml uv.lock requirements.yml scripts/bootstrap
 	scripts/bootstrap
@@ -133,6 +139,11 @@ endif
 ## The local cluster's tests, the browser test among them (one cluster, ~12 min)
 browser: setup image test-tools
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest tests/test_cluster.py
+
+## ansible-test sanity on the built collection (scripts/sanity); its pip
+## bootstrap script made from PyPI's pip wheel, not downloaded from the internet
+sanity: setup
+	scripts/sanity $(SANITY_ARGS)
 
 ## Everything
 test: setup images test-tools

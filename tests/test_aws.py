@@ -273,8 +273,10 @@ def test_ubuntu_when_asked_is_canonicals_newest(aws):
             assert inst["ImageId"] == NEWEST_UBUNTU_AMD64, "newest official Ubuntu 24.04, never a look-alike"
             assert tags(inst)["dask-ec2-ansible:ssh-user"] == "ubuntu"
     finally:
-        run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={name}", env=aws,
-                     name="aws-teardown-ubuntu")
+        # save_work=false: on plain moto no machine answers, and the save would wait 60 s for SSH to
+        # say so (test_teardown_removes_everything_and_can_run_twice proves that path once).
+        run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={name}", "-e", "save_work=false",
+                     env=aws, name="aws-teardown-ubuntu")
     assert leftovers(aws, name) == nothing_left(aws, name)
 
 
@@ -525,7 +527,9 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
         run_playbook("playbooks/provision.yml", *BASE_ARGS, "-e", "cluster_name=awsiam", "-e", "worker_count=1",
                      env=env, name="aws-iam-provision")
         assert sorted(instances(env, "awsiam")) == ["dask-awsiam-scheduler", "dask-awsiam-worker-1"]
-        run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=awsiam", env=env, name="aws-iam-teardown")
+        # save_work=false: no machine answers on moto (see test_teardown_removes_everything_and_can_run_twice).
+        run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=awsiam", "-e", "save_work=false", env=env,
+                     name="aws-iam-teardown")
         assert leftovers(env, "awsiam") == nothing_left(env, "awsiam")
         assert not (ROOT / ".clusters" / "awsiam").exists()
         # Not one request of the playbooks was refused, not even one a module would have tolerated.

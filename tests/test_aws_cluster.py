@@ -9,11 +9,15 @@ addresses and SSH user, the roles on those hosts, certificates for those
 addresses, a Dask client and Jupyter at them, scale-down through a real
 scheduler, idle_shutdown ending in EC2 terminations, teardown.
 
+Machines boot through the image's own cloud-init (a NoCloud seed with the
+instance's meta-data, key pair and user data), and reach instance metadata
+(IMDSv2, their profile's credentials) and the API on the emulator network's
+gateway, named by AWS_EC2_METADATA_SERVICE_ENDPOINT and AWS_ENDPOINT_URL.
+
 What still differs from real EC2 (docs/tests.md, "What the tests prove"): machines
-boot in a second, not 30-60 s; the emulator plays cloud-init's part (key,
-default user, host keys) rather than cloud-init itself; no public addresses
-(aws_private_network); security groups and IAM conditions are not enforced
-on the traffic; instance types do not size the machines.
+boot in seconds, not 30-60 s; the metadata service's address; no public
+addresses (aws_private_network); security groups and IAM conditions are not
+enforced on the traffic; instance types do not size the machines.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,10 +110,81 @@ def key_pair(emulator, tmp_path_factory):
     return key
 
 
-def launch(emulator, image_id: str, behaviour: str = "terminate") -> dict:
+def launch(emulator, image_id: str, behaviour: str = "terminate", **extra) -> dict:
     return ec2(emulator).run_instances(
         ImageId=image_id, MinCount=1, MaxCount=1, InstanceType="t3.small", KeyName="emulator-test",
-        SubnetId=emulator["subnet_id"], InstanceInitiatedShutdownBehavior=behaviour)["Instances"][0]
+        SubnetId=emulator["subnet_id"], InstanceInitiatedShutdownBehavior=behaviour, **extra)["Instances"][0]
+
+
+def iam(emulator):
+    return boto3.client("iam", region_name=REGION, endpoint_url=emulator["endpoint"],
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def instance_profile(emulator, name: str) -> str:
+    """An EC2 role and its instance profile, as a user makes them; the profile's name."""
+    trust = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+    client = iam(emulator)
+    client.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
+    client.create_instance_profile(InstanceProfileName=name)
+    client.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    return name
+
+
+# This machine's boto3 and what it needs, for a machine's own Python (Debian's python3-boto3 is too old to
+# read AWS_ENDPOINT_URL, and would then send to AWS itself): pure Python, copied over SSH.
+BOTO_PACKAGES = ("boto3", "botocore", "jmespath", "s3transfer", "dateutil", "six.py", "urllib3")
+# Run on a machine as its login user, by the default credential chain: who am I, and can I see myself.
+WHO_AM_I = """
+import json, os, urllib.request
+import boto3, botocore.exceptions
+assert os.environ["AWS_ENDPOINT_URL"].startswith("http://10."), "only the emulator's API, never AWS"
+base = os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
+token = urllib.request.urlopen(urllib.request.Request(base + "latest/api/token", method="PUT",
+    headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})).read().decode()
+region = urllib.request.urlopen(urllib.request.Request(base + "latest/meta-data/placement/region",
+    headers={"X-aws-ec2-metadata-token": token})).read().decode()
+try:
+    arn = boto3.client("sts", region_name=region).get_caller_identity()["Arn"]
+    me = boto3.client("ec2", region_name=region).describe_instances(
+        Filters=[{"Name": "private-ip-address", "Values": [os.environ["SSH_CONNECTION"].split()[2]]}])
+    print(json.dumps({"arn": arn, "instances": [i["InstanceId"] for r in me["Reservations"] for i in r["Instances"]]}))
+except botocore.exceptions.NoCredentialsError as error:
+    print(json.dumps({"error": type(error).__name__}))
+"""
+
+
+def copy_boto3(key: Path, address: str, user: str = "admin") -> None:
+    site_packages = Path(boto3.__file__).parent.parent
+    pack = subprocess.Popen(["tar", "-C", str(site_packages), "--exclude=__pycache__", "-cf", "-", *BOTO_PACKAGES],
+                            stdout=subprocess.PIPE)
+    unpack = subprocess.run(["ssh", "-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                             "-o", "BatchMode=yes", f"{user}@{address}", "mkdir -p ~/boto && tar -C ~/boto -xf -"],
+                            stdin=pack.stdout, capture_output=True, text=True, timeout=120)
+    pack.wait()
+    assert unpack.returncode == 0, unpack.stderr
+
+
+def who_am_i(key: Path, address: str, user: str = "admin") -> dict:
+    """The default credential chain on the machine, as its login user (not root)."""
+    run = ssh(key, address, f"PYTHONPATH=~/boto python3 -c {shlex.quote(WHO_AM_I)}", user=user)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def metadata(key: Path, address: str, *paths: str, token: bool = True) -> list[str]:
+    """curl on the machine: each path of its instance metadata (IMDSv2 unless token=False), status and body."""
+    ask = ('t=$(curl -sf -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 60" "${AWS_EC2_METADATA_SERVICE_ENDPOINT}'
+           'latest/api/token")' if token else "t=")
+    lines = [ask] + [f'curl -s -w " %{{http_code}}\\n" -H "X-aws-ec2-metadata-token: $t" '
+                     f'"${{AWS_EC2_METADATA_SERVICE_ENDPOINT}}latest/{path}" | tr "\\n" " "; echo'
+                     for path in paths]
+    if not token:
+        lines = [line.replace('-H "X-aws-ec2-metadata-token: $t" ', "") for line in lines]
+    run = ssh(key, address, "\n".join(lines))
+    assert run.returncode == 0, run.stderr
+    return [line.strip() for line in run.stdout.splitlines() if line.strip()]
 
 
 def debian_ami(emulator) -> str:
@@ -167,6 +244,107 @@ def test_an_image_of_a_machine_boots_a_copy_with_host_keys_of_its_own(emulator, 
     wait_until(lambda: not {source["InstanceId"], copy["InstanceId"]} & set(machines()), 60, "both removed")
 
 
+CLOUD_CONFIG = """#cloud-config
+write_files:
+  - path: /etc/from-user-data
+    content: written by cloud-init's write_files
+runcmd:
+  - [sh, -c, "id -un > /var/tmp/runcmd-ran-as"]
+"""
+SCRIPT = "#!/bin/sh\necho \"$0\" > /var/tmp/script-ran\n"
+
+
+@pytest.fixture(scope="class")
+def booted(emulator, key_pair):
+    """Two instances launched as EC2 users launch them, IMDSv2 required: one with a #cloud-config and an
+    instance profile, one with a #! script and no profile; both terminated, their machines gone, after the
+    tests of the class (the cluster's teardown test expects no machine of any instance)."""
+    profile = instance_profile(emulator, "emulator-test-reader")
+    tokens = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
+    ami = debian_ami(emulator)
+    config = launch(emulator, ami, UserData=CLOUD_CONFIG, MetadataOptions=tokens,
+                    IamInstanceProfile={"Name": profile})
+    script = launch(emulator, ami, UserData=SCRIPT, MetadataOptions=tokens)
+    try:
+        for launched in (config, script):
+            wait_until(lambda: ssh(key_pair, launched["PrivateIpAddress"], "cloud-init status --wait >/dev/null; "
+                                   "cloud-init status").stdout.strip() or None, 120, "cloud-init done")
+        yield {"config": config, "script": script, "profile": profile, "key": key_pair}
+    finally:
+        ec2(emulator).terminate_instances(InstanceIds=[config["InstanceId"], script["InstanceId"]])
+        wait_until(lambda: not {config["InstanceId"], script["InstanceId"]} & set(machines()), 60,
+                   "the two machines removed")
+
+
+class TestAMachineBootsAsOnEC2:
+    """cloud-init, instance metadata and credentials on two instances of their own (gone before the
+    cluster tests below, whose teardown expects no machine of any instance left)."""
+
+    def test_user_data_runs_through_cloud_init_and_so_does_the_key_pair(self, booted, key_pair):
+        config, script = booted["config"]["PrivateIpAddress"], booted["script"]["PrivateIpAddress"]
+        for address in (config, script):
+            status = ssh(key_pair, address, "cloud-init status --long").stdout
+            assert re.search(r"^status: done$", status, re.M), status
+            assert "DataSourceNoCloud" in status, status
+            # The key reached the default user through cloud-init (its ssh module), whose log says it wrote it.
+            assert re.search(r"Writing to /home/admin/\.ssh/authorized_keys",
+                             ssh(key_pair, address, "sudo cat /var/log/cloud-init.log").stdout), "cloud-init wrote the key"
+        out = ssh(key_pair, config, "cat /etc/from-user-data; echo; cat /var/tmp/runcmd-ran-as; ls /var/tmp").stdout
+        assert out.splitlines()[:2] == ["written by cloud-init's write_files", "root"], out
+        assert "script-ran" not in out
+        ran = ssh(key_pair, script, "cat /var/tmp/script-ran; test -e /etc/from-user-data || echo no-file").stdout.split()
+        assert ran[0].startswith("/var/lib/cloud/instance"), "cloud-init ran the script from its instance directory"
+        assert ran[1] == "no-file"
+
+
+    def test_each_machine_gets_its_own_metadata_with_a_token_and_none_without(self, booted):
+        key = booted["key"]
+        answers = {}
+        for name in ("config", "script"):
+            launched = booted[name]
+            address = launched["PrivateIpAddress"]
+            got = metadata(key, address, "meta-data/instance-id", "meta-data/placement/availability-zone",
+                           "meta-data/placement/region", "meta-data/local-ipv4", "meta-data/mac")
+            assert got == [f"{launched['InstanceId']} 200", f"{REGION}a 200", f"{REGION} 200", f"{address} 200",
+                           f"{launched['NetworkInterfaces'][0]['MacAddress']} 200"], got
+            mac = ssh(key, address, "cat /sys/class/net/eth0/address").stdout.strip()
+            assert mac == launched["NetworkInterfaces"][0]["MacAddress"], "the machine has its interface's address"
+            # Launched with HttpTokens=required: IMDSv1 (no token) is refused, as EC2 refuses it.
+            assert metadata(key, address, "meta-data/instance-id", token=False) == ["401"]
+            answers[name] = got
+        assert answers["config"] != answers["script"]
+
+
+    def test_a_machine_with_an_instance_profile_has_its_roles_credentials_and_one_without_has_none(self, booted):
+        key, config, script = booted["key"], booted["config"], booted["script"]
+        info = metadata(key, config["PrivateIpAddress"], "meta-data/iam/info", "meta-data/iam/security-credentials/")
+        assert f'"InstanceProfileArn": "arn:aws:iam::123456789012:instance-profile/{booted["profile"]}"' in info[0]
+        assert info[1] == f"{booted['profile']} 200"
+        assert metadata(key, script["PrivateIpAddress"], "meta-data/iam/security-credentials/") == ["404"]
+        for launched in (config, script):
+            copy_boto3(key, launched["PrivateIpAddress"])
+        mine = who_am_i(key, config["PrivateIpAddress"])
+        assert mine == {"arn": f"arn:aws:sts::123456789012:assumed-role/{booted['profile']}/{config['InstanceId']}",
+                        "instances": [config["InstanceId"]]}, "the role's session, and the API reached from inside"
+        assert who_am_i(key, script["PrivateIpAddress"]) == {"error": "NoCredentialsError"}
+
+
+    def test_the_machines_reach_nothing_else_of_this_machine(self, booted, emulator):
+        """Only the metadata service and the API are open to the machines on the gateway: a port this test opens
+        there is refused to them."""
+        with socket.create_server((emulator["gateway"], 0)) as listener:
+            port = listener.getsockname()[1]
+            threading.Thread(target=lambda: listener.accept(), daemon=True).start()
+            probe = ssh(booted["key"], booted["script"]["PrivateIpAddress"],
+                        f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' http://{emulator['gateway']}:{port}/; echo \" $?\"; "
+                        f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {emulator['imds_endpoint']}/latest/; echo; "
+                        f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {emulator['inside_endpoint']}/; echo")
+        refused, imds, api = probe.stdout.splitlines()
+        assert refused == "000 7", f"connection refused expected: {refused}"
+        assert imds == "401", "the metadata service answers (and wants its token)"
+        assert api != "000", "the API answers"
+
+
 # ---- site.yml -e provider=aws on the emulator ------------------------------------------------------------
 
 
@@ -194,10 +372,12 @@ def cluster_instances(emulator, states=LIVE) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def cluster(emulator):
-    first = site(emulator, "-e", "worker_count=2", name="aws-site-first")
+    # A profile of the user's own (iam_instance_profile), as the machines' identity.
+    profile = instance_profile(emulator, f"{CLUSTER}-machines")
+    first = site(emulator, "-e", "worker_count=2", "-e", f"iam_instance_profile={profile}", name="aws-site-first")
     info = json.loads((STATE / "cluster.json").read_text())
     try:
-        yield {"emulator": emulator, "first": first, "info": info}
+        yield {"emulator": emulator, "first": first, "info": info, "profile": profile}
     finally:
         if emulator["process"].poll() is None:  # (the last test stops it, after a teardown of its own)
             teardown(emulator, name="aws-site-teardown-after")
@@ -216,6 +396,38 @@ def test_site_configures_every_machine_at_its_private_address(cluster):
         assert inst["State"]["Name"] == "running", name
         assert "PublicIpAddress" not in inst, f"{name}: aws_private_network gives no public address"
         assert running[inst["InstanceId"]] == "running", name
+
+
+def test_iam_instance_profile_gives_every_machine_and_its_services_the_roles_credentials(cluster):
+    """iam_instance_profile end to end: the instances carry it, and a Dask worker's own process (a hardened
+    systemd unit) finds the metadata service from its environment and gets the role's credentials."""
+    found = cluster_instances(cluster["emulator"])
+    assert {inst["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for inst in found.values()} == {cluster["profile"]}
+
+    def role_from_metadata():
+        import os
+        import urllib.request
+
+        base = os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
+        token = urllib.request.urlopen(urllib.request.Request(
+            base + "latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})).read()
+        url = base + "latest/meta-data/iam/security-credentials/"
+        role = urllib.request.urlopen(urllib.request.Request(url, headers={"X-aws-ec2-metadata-token": token})).read()
+        document = urllib.request.urlopen(urllib.request.Request(
+            url + role.decode(), headers={"X-aws-ec2-metadata-token": token})).read()
+        import json
+
+        return role.decode(), sorted(json.loads(document))
+
+    client = client_for(cluster["info"])
+    try:
+        answers = client.run(role_from_metadata)
+    finally:
+        client.close()
+    assert len(answers) == 2
+    for role, fields in answers.values():
+        assert role == cluster["profile"]
+        assert {"AccessKeyId", "SecretAccessKey", "Token", "Expiration"} <= set(fields)
 
 
 def test_cluster_json_names_the_private_addresses_and_the_endpoint(cluster):

@@ -905,6 +905,43 @@ def test_check_mode_reports_a_pending_change_without_making_it(cluster):
     assert "--nthreads" not in before
 
 
+def test_check_diff_limited_to_one_worker_shows_its_unit_lines_and_changes_nothing(cluster):
+    """--check --diff --limit localhost,<worker>: the lines that would change in
+    that worker's unit, and nothing changed, there or on the other worker."""
+    unit = "/etc/systemd/system/dask-worker.service"
+    worker_2 = f"dask-{CLUSTER}-worker-2"
+    before = {host: docker_exec(host, "cat", unit).stdout for host in (WORKER_1, worker_2)}
+    run = run_playbook("site.yml", *SITE_ARGS, "-e", "worker_nthreads=3", "--check", "--diff",
+                       "--limit", f"localhost,{WORKER_1}", name="site-check-diff-limit")
+    # Only the controller and the one worker ran tasks.
+    assert set(run.recap) == {"localhost", WORKER_1}, run.recap
+    assert run.recap[WORKER_1]["changed"] > 0, "check mode hid the change to the worker unit"
+    # The diff is the unit's, and it is the one line the setting adds.
+    diff = run.output[run.output.index(f"--- before: {unit}"):]
+    diff = diff[:diff.index("\n\n")]
+    added = [line for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    removed = [line for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    assert len(added) == 1 and "--nthreads 3" in added[0], diff
+    assert not removed, diff
+    # Nothing changed, on either worker.
+    assert {host: docker_exec(host, "cat", unit).stdout for host in (WORKER_1, worker_2)} == before
+    assert "--nthreads" not in before[WORKER_1]
+
+
+def test_a_run_limited_to_one_worker_configures_it_with_the_controller_steps(cluster):
+    """--limit localhost,<worker>: the controller's plays (selection,
+    certificates, report) and that worker; the others' facts are asked for,
+    not their configuration."""
+    run = run_playbook("site.yml", *SITE_ARGS, "--limit", f"localhost,{WORKER_1}", name="site-limit-one-worker")
+    assert set(run.recap) == {"localhost", WORKER_1}, run.recap
+    assert run.changed == 0, run.changed_tasks()
+    assert "TASK [dask_worker : " in run.output
+    assert "TASK [dask_scheduler : " not in run.output and "TASK [jupyterlab : " not in run.output
+    # The report still describes the whole cluster.
+    info = json.loads((STATE / "cluster.json").read_text())
+    assert set(info["nodes"]) == {SCHEDULER, *(f"dask-{CLUSTER}-worker-{n}" for n in range(1, WORKERS + 1))}
+
+
 def test_systemd_restarts_a_killed_worker(cluster):
     client = client_for(cluster["info"])
     try:

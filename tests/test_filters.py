@@ -1,4 +1,4 @@
-"""The project's filters and tests (plugins/, roles/*/filter_plugins/): facts written once."""
+"""The project's filters and tests (plugins/): facts written once."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def load(path: str):
 
 cluster = load("plugins/filter/cluster.py")
 settings = load("plugins/test/dask_settings.py")
-dask_tls = load("roles/dask_tls/filter_plugins/dask_tls.py")
+dask_tls = load("plugins/filter/dask_tls.py")
 
 
 def test_machine_names():

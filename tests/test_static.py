@@ -179,6 +179,39 @@ def test_bad_input_is_refused_before_anything_is_created(args, message):
     assert not (ROOT / ".clusters" / "badinput").exists()
 
 
+# --limit: the machines join the scheduler and workers groups in plays on
+# localhost, so a limit without localhost is refused before anything runs
+# (tests/test_cluster.py: what --limit localhost,<machine> does).
+LIMITED = "dask-collimit-worker-1"
+
+
+@pytest.mark.parametrize("limit", [LIMITED, f"{LIMITED},dask-collimit-scheduler", "all", "!localhost"])
+@pytest.mark.parametrize("playbook", ["site.yml", "teardown.yml", "playbooks/configure.yml"])
+def test_a_limit_without_localhost_is_refused_with_what_to_type(playbook, limit):
+    # The machines of a cluster "collimit", as the inventory would list them.
+    hosts = ["-i", f"{LIMITED},dask-collimit-scheduler,"]
+    run = run_playbook(playbook, "-e", "provider=docker", "-e", "cluster_name=collimit", *hosts, "--limit", limit,
+                       check=False)
+    assert run.returncode != 0
+    assert f"--limit {limit} leaves out localhost" in run.output, run.output[-3000:]
+    assert f"--limit localhost,{limit}" in run.output
+    # Nothing else ran: no play on localhost, no task on a machine.
+    assert "PLAY [Validate the controller and the cluster settings]" not in run.output
+    assert set(run.recap) <= {LIMITED, "dask-collimit-scheduler"}
+    assert all(host["changed"] == 0 for host in run.recap.values())
+    assert not (ROOT / ".clusters" / "collimit").exists()
+
+
+@pytest.mark.parametrize("limit", [f"localhost,{LIMITED}", f"{LIMITED}:localhost", f"127.0.0.1,{LIMITED}"])
+def test_a_limit_with_localhost_passes_the_check(limit):
+    # --tags never: only the always-tagged plays (checks, selection) run; the
+    # selection then finds no cluster "collimit" in this inventory and stops.
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=collimit",
+                       "-i", f"{LIMITED},", "--limit", limit, "--tags", "never", check=False)
+    assert "leaves out localhost, where" not in run.output, run.output[-3000:]
+    assert "PLAY [Validate the controller and the cluster settings]" in run.output, run.output[-3000:]
+
+
 # --- No secrets in the repository ------------------------------------------
 
 SECRET_PATTERNS = {
@@ -358,3 +391,17 @@ def test_wrong_type_of_a_setting_is_refused_by_its_spec():
     run = run_playbook("playbooks/preflight.yml", "-e", "provider=docker", "-e", "dask_tls=maybe", check=False)
     assert run.returncode != 0
     assert "dask_tls" in run.output and "bool" in run.output, run.output[-2000:]
+
+
+# Debian release names of the base images Molecule runs every scenario on.
+DEBIAN_RELEASES = {"12": "bookworm", "13": "trixie"}
+
+
+def test_every_role_declares_the_platforms_it_is_tested_on():
+    config = yaml.safe_load((ROOT / ".config" / "molecule" / "config.yml").read_text())
+    tested = sorted(DEBIAN_RELEASES[p["image"].rsplit(":", 1)[1]] for p in config["platforms"])
+    assert tested == ["bookworm", "trixie"]
+    for role in sorted(p.name for p in (ROOT / "roles").iterdir() if p.is_dir()):
+        meta = yaml.safe_load((ROOT / "roles" / role / "meta" / "main.yml").read_text())["galaxy_info"]
+        assert meta["platforms"] == [{"name": "Debian", "versions": tested}], role
+        assert (meta["role_name"], meta["namespace"], meta["license"]) == (role, "dask_ec2_ansible", "BSD-3-Clause")

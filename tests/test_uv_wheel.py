@@ -30,7 +30,7 @@ PAGE = "https://mirror.example/root/simple/uv/"
 
 @pytest.fixture(scope="module")
 def uv_wheel():
-    path = ROOT / "roles" / "uv" / "filter_plugins" / "uv_wheel.py"
+    path = ROOT / "plugins" / "filter" / "uv_wheel.py"
     spec = importlib.util.spec_from_file_location("uv_wheel", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

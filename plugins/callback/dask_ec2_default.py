@@ -1,3 +1,5 @@
+# Copyright: dask-ec2-ansible contributors
+# BSD-3-Clause
 """Ansible's default screen output, except that a text meant for people is
 printed as it is: not quoted, escaped, folded or indented as a YAML or JSON
 value, so that what a user copies from the terminal (a line of Python that
@@ -9,6 +11,9 @@ DOCUMENTATION = """
     name: dask_ec2_default
     type: stdout
     short_description: default Ansible screen output, with texts for people shown as they are
+    version_added: 0.1.0
+    author:
+      - dask-ec2-ansible contributors (!UNKNOWN)
     description:
       - >-
         The default callback (ansible.builtin.default) with one difference. The result of a
@@ -21,6 +26,20 @@ DOCUMENTATION = """
       - result_format_callback
     requirements:
       - set as stdout_callback in ansible.cfg
+"""
+
+EXAMPLES = r"""
+# ansible.cfg
+# [defaults]
+# stdout_callback = dask_ec2_ansible.cluster.dask_ec2_default
+
+- name: Print the lines to paste into Python as they are (no quotes, no escaping)
+  ansible.builtin.debug:
+    msg: |-
+      from dask.distributed import Client
+      client = Client("tls://10.0.0.5:8786")
+  vars:
+    show_as_text: true
 """
 
 from ansible.plugins.callback.default import CallbackModule as DefaultCallbackModule

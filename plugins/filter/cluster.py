@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import os
-import posixpath
-import re
-
 DOCUMENTATION = r"""
 name: dask_worker_names
 short_description: The names of a cluster's machines
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - C(dask_scheduler_name) gives C(dask-<cluster>-scheduler); C(dask_worker_names)
     gives C(dask-<cluster>-worker-1) .. C(dask-<cluster>-worker-<count>).
@@ -32,13 +31,17 @@ description:
 EXAMPLES = r"""
 - name: The names of a cluster of 3 workers
   ansible.builtin.debug:
-    msg: "{{ 'lab' | dask_scheduler_name }} and {{ 'lab' | dask_worker_names(3) }}"
+    msg: "{{ 'lab' | dask_ec2_ansible.cluster.dask_scheduler_name }} and {{ 'lab' | dask_ec2_ansible.cluster.dask_worker_names(3) }}"
   # dask-lab-scheduler and ['dask-lab-worker-1', 'dask-lab-worker-2', 'dask-lab-worker-3']
 
 - name: Where a project is cloned
   ansible.builtin.debug:
     msg: "{{ 'https://github.com/me/analysis.git' | git_project_name }}"  # analysis
 """
+
+import os
+import posixpath
+import re
 
 
 def dask_scheduler_name(cluster_name):

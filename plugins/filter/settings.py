@@ -4,14 +4,12 @@
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
-
-import yaml
-
 DOCUMENTATION = r"""
 name: misspelled_settings
 short_description: Names that look like typos of the project's settings
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - Ansible silently ignores a variable nobody reads, so C(-e worker_cuont=3)
     would build a cluster with the default worker count. This filter takes the
@@ -39,8 +37,13 @@ EXAMPLES = r"""
     that: __misspelled | length == 0
     fail_msg: "{{ __misspelled | join(' ') }}"
   vars:
-    __misspelled: "{{ vars.keys() | list | misspelled_settings(playbook_dir | dirname) }}"
+    __misspelled: "{{ vars.keys() | list | dask_ec2_ansible.cluster.misspelled_settings(playbook_dir | dirname) }}"
 """
+
+import difflib
+from pathlib import Path
+
+import yaml
 
 
 def _keys(path: Path) -> set[str]:

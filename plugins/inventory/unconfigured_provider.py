@@ -7,6 +7,9 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 name: unconfigured_provider
 short_description: No hosts, quietly, from the inventory of a provider that is not set up here
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - The project ships one inventory source per provider (C(inventory/docker.yml),
     C(inventory/aws_ec2.yml)) and Ansible reads all of them on every run. A provider's
@@ -24,6 +27,18 @@ options:
   plugin:
     description: The provider plugin named in the source (any value; this plugin reads it).
     required: true
+"""
+
+EXAMPLES = r"""
+# ansible.cfg: this plugin first, then the providers' own
+# [inventory]
+# enable_plugins = dask_ec2_ansible.cluster.unconfigured_provider, community.docker.docker_containers, amazon.aws.aws_ec2
+
+# inventory/aws_ec2.yml is read by amazon.aws.aws_ec2 where AWS credentials are
+# set up, and by this plugin (no hosts, no warning) where they are not.
+plugin: amazon.aws.aws_ec2
+regions:
+  - eu-west-1
 """
 
 import os

@@ -4,25 +4,24 @@
 
 from __future__ import annotations
 
-import sys
-
-from ansible.plugins.lookup import LookupBase
-
 DOCUMENTATION = r"""
 name: controller_python
 short_description: The controller's Python version, major.minor
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - The version of the Python that runs ansible-playbook on this machine
     (C(ansible_playbook_python)), as "3.11". A user's Dask Client runs on
     a Python of this machine; the local provider's default os_family is the
     Debian release whose system Python is this one.
-  - Read from the running interpreter: no process, no fact gathering.
+  - Read from the running interpreter; no process, no fact gathering.
 """
 
 EXAMPLES = r"""
 - name: Show the controller's Python
   ansible.builtin.debug:
-    msg: "{{ lookup('controller_python') }}"
+    msg: "{{ lookup('dask_ec2_ansible.cluster.controller_python') }}"
 """
 
 RETURN = r"""
@@ -31,6 +30,10 @@ _raw:
   type: list
   elements: str
 """
+
+import sys
+
+from ansible.plugins.lookup import LookupBase
 
 
 class LookupModule(LookupBase):

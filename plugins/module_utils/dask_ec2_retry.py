@@ -1,3 +1,5 @@
+# Copyright: dask-ec2-ansible contributors
+# BSD-3-Clause
 """How our boto3 clients retry: throttling with backoff, capacity refusals not at all.
 
 EC2 answers InsufficientInstanceCapacity with an HTTP 500, which botocore

@@ -1,3 +1,6 @@
+#!/usr/bin/python
+# Copyright: dask-ec2-ansible contributors
+# BSD-3-Clause
 """Launch the cluster's missing machines, working around refused capacity within seconds."""
 
 from __future__ import annotations
@@ -5,6 +8,9 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: dask_ec2_launch
 short_description: Launch the missing machines of a dask-ec2-ansible cluster, one instance per name
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - Finds the cluster's live instances by their C(Name) tag and launches only the names that are missing,
     so a re-run after a launch that died half-way converges without duplicates.
@@ -28,20 +34,59 @@ options:
     type: dict
     required: true
     suboptions:
-      name: {description: Name tag., type: str, required: true}
-      instance_type: {description: EC2 instance type., type: str, required: true}
-      image_id: {description: AMI., type: str, required: true}
-      volumes: {description: Block devices as amazon.aws.ec2_instance takes them., type: list, elements: dict, default: []}
+      name:
+        description:
+          - Name tag.
+        type: str
+        required: true
+      instance_type:
+        description:
+          - EC2 instance type.
+        type: str
+        required: true
+      image_id:
+        description:
+          - AMI.
+        type: str
+        required: true
+      volumes:
+        description:
+          - Block devices as amazon.aws.ec2_instance takes them.
+        type: list
+        elements: dict
+        default: []
   workers:
     description: The workers, one instance per name.
     type: dict
     required: true
     suboptions:
-      names: {description: Name tags., type: list, elements: str, required: true}
-      instance_type: {description: EC2 instance type., type: str, required: true}
-      image_id: {description: AMI., type: str, required: true}
-      volumes: {description: Block devices as amazon.aws.ec2_instance takes them., type: list, elements: dict, default: []}
-      spot: {description: Try spot capacity first, on-demand when refused., type: bool, default: false}
+      names:
+        description:
+          - Name tags.
+        type: list
+        elements: str
+        required: true
+      instance_type:
+        description:
+          - EC2 instance type.
+        type: str
+        required: true
+      image_id:
+        description:
+          - AMI.
+        type: str
+        required: true
+      volumes:
+        description:
+          - Block devices as amazon.aws.ec2_instance takes them.
+        type: list
+        elements: dict
+        default: []
+      spot:
+        description:
+          - Try spot capacity first, on-demand when refused.
+        type: bool
+        default: false
   cluster_filters:
     description: DescribeInstances filters that find the cluster's live instances (tags and states).
     type: dict
@@ -51,18 +96,84 @@ options:
     type: list
     elements: str
     required: true
-  security_group_ids: {description: Security groups., type: list, elements: str, required: true}
-  key_name: {description: EC2 key pair., type: str, required: true}
-  iam_instance_profile: {description: Instance profile name or ARN; empty for none., type: str, default: ""}
-  metadata_options: {description: IMDS options as amazon.aws.ec2_instance takes them., type: dict, default: {}}
-  tags: {description: Tags of every instance and volume., type: dict, default: {}}
-  keep_on_failure: {description: Keep the instances launched by this call when it fails., type: bool, default: false}
+  security_group_ids:
+    description:
+      - Security groups.
+    type: list
+    elements: str
+    required: true
+  key_name:
+    description:
+      - EC2 key pair.
+    type: str
+    required: true
+  iam_instance_profile:
+    description:
+      - Instance profile name or ARN; empty for none.
+    type: str
+    default: ""
+  metadata_options:
+    description:
+      - IMDS options as amazon.aws.ec2_instance takes them.
+    type: dict
+    default: {}
+  tags:
+    description:
+      - Tags of every instance and volume.
+    type: dict
+    default: {}
+  keep_on_failure:
+    description:
+      - Keep the instances launched by this call when it fails.
+    type: bool
+    default: false
   public_ip:
     description: Whether the machines get a public address; unset follows the subnet's default.
     type: bool
-  throttle_attempts: {description: Attempts per request while EC2 throttles., type: int, default: 8}
+  throttle_attempts:
+    description:
+      - Attempts per request while EC2 throttles.
+    type: int
+    default: 8
 extends_documentation_fragment:
   - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
+"""
+
+EXAMPLES = r"""
+- name: Launch the scheduler and two spot workers of cluster lab (only the missing ones)
+  dask_ec2_ansible.cluster.dask_ec2_launch:
+    region: eu-west-1
+    scheduler:
+      name: dask-lab-scheduler
+      instance_type: m7i.large
+      image_id: ami-0123456789abcdef0
+      volumes:
+        - device_name: /dev/xvda
+          ebs:
+            volume_size: 30
+            volume_type: gp3
+            delete_on_termination: true
+    workers:
+      names: [dask-lab-worker-1, dask-lab-worker-2]
+      instance_type: m7i.xlarge
+      image_id: ami-0123456789abcdef0
+      spot: true
+    cluster_filters:
+      "tag:dask-ec2-ansible:cluster": lab
+      instance-state-name: [pending, running, stopping, stopped]
+    subnet_ids: [subnet-0aaaaaaaaaaaaaaa1, subnet-0bbbbbbbbbbbbbbb2]
+    security_group_ids: [sg-0123456789abcdef0]
+    key_name: dask-lab
+    tags:
+      dask-ec2-ansible:cluster: lab
+      dask-ec2-ansible:created-by: dask-ec2-ansible
+  register: launch
+
+- name: Show where each machine runs and on which capacity
+  ansible.builtin.debug:
+    msg: "{{ launch.summary }}"
 """
 
 RETURN = r"""
@@ -85,6 +196,15 @@ zones:
   description: Availability zone per role (scheduler, workers); the workers' list is sorted.
   type: dict
   returned: always
+throttled:
+  description: How many requests EC2 throttled (C(RequestLimitExceeded)) and were retried.
+  type: int
+  returned: always
+summary:
+  description: Readable lines - where each machine runs, on which capacity, and what EC2 refused on the way.
+  type: list
+  elements: str
+  returned: always
 """
 
 import hashlib
@@ -96,7 +216,9 @@ except ImportError:
     pass  # AnsibleAWSModule reports it
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
-from ansible.module_utils.dask_ec2_retry import CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, call_with_backoff, error_code
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import (
+    CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, call_with_backoff, error_code,
+)
 
 LIFECYCLE_TAG = "dask-ec2-ansible:lifecycle"
 ROLE_TAG = "dask-ec2-ansible:role"
@@ -326,8 +448,11 @@ class Launcher:
                               summary=self.summary(results, fallback, zones))
 
     def summary(self, results, fallback, zones):
+        def state(r):
+            return "launched now" if r["launched"] else "started again" if r.get("started") else "already there"
+
         lines = [f"{r['name']}: {r['instance_type']}, {r['lifecycle']}, {r['availability_zone'] or '?'}"
-                 f" ({'launched now' if r['launched'] else 'started again' if r.get('started') else 'already there'}{', ' + r['instance_id'] if r['instance_id'] else ''})"
+                 f" ({state(r)}{', ' + r['instance_id'] if r['instance_id'] else ''})"
                  for r in results]
         if fallback:
             codes = sorted({r["code"] for r in self.refused if r["lifecycle"] == "spot"})

@@ -8,6 +8,9 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: dask_ec2_status
 short_description: Find the clusters and leftover resources of dask-ec2-ansible in several regions
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - Reads, in every region of O(regions) in parallel (one thread per region, up to 16), the
     instances, security groups, key pairs, volumes and launch templates tagged
@@ -38,11 +41,13 @@ options:
     default: true
 extends_documentation_fragment:
   - amazon.aws.common.modules
+  - amazon.aws.region.modules
+  - amazon.aws.boto3
 """
 
 EXAMPLES = r"""
 - name: Find every cluster and leftover in two regions, marking the caller's
-  dask_ec2_status:
+  dask_ec2_ansible.cluster.dask_ec2_status:
     regions: [eu-west-1, us-east-1]
     owner: "{{ caller.arn }}"
     price_table: "{{ lookup('ansible.builtin.file', 'roles/provider_aws/files/ec2_prices.yml') | from_yaml }}"
@@ -94,10 +99,10 @@ table:
 import concurrent.futures
 import datetime
 
-from ansible.module_utils.dask_ec2_pricing import (
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_pricing import (
     HOURS_PER_MONTH, PRICE_LIST_REGION, SPOT_NOTE, PriceBook, pricing_config,
 )
-from ansible.module_utils.dask_ec2_retry import READ_RETRIES
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import READ_RETRIES
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 PREFIX = "dask-ec2-ansible:"
@@ -241,7 +246,7 @@ def _leftovers(region, found, live_clusters, book, me, now):
         if orphan(tags):
             add("launch template", template["LaunchTemplateId"], template["LaunchTemplateName"], tags,
                 template.get("CreateTime"))
-    storage, _ = book.storage_gib_hour(region)
+    storage = book.storage_gib_hour(region)[0]
     for vol in found["volumes"]:
         if vol["State"] == "available":
             tags = _tags(vol)

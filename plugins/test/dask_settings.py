@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-import re
-
 DOCUMENTATION = r"""
 name: dask_duration
 short_description: Is this a duration such as "30m", "2h", "90s" (or empty)?
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - C(dask_duration) is true for a number with one of the units s, m, h, d, or
     an empty string (for the idle_shutdown setting, empty means never).
@@ -21,9 +22,12 @@ EXAMPLES = r"""
 - name: Check the idle time and the memory limit
   ansible.builtin.assert:
     that:
-      - idle_shutdown is dask_duration
-      - worker_memory_limit is dask_memory_limit
+      - idle_shutdown is dask_ec2_ansible.cluster.dask_duration
+      - worker_memory_limit is dask_ec2_ansible.cluster.dask_memory_limit
 """
+
+import re
+
 
 DURATION = re.compile(r"^([0-9]+(\.[0-9]+)?(s|m|h|d))?$")
 MEMORY_LIMIT = re.compile(r"^(auto|0|0?\.[0-9]+|1(\.0+)?|[0-9]+(\.[0-9]+)?\s*([kKMGTP]i?B|[kKMGTP]|B)?)$")

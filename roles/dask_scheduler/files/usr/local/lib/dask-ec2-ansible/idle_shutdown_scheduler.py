@@ -5,7 +5,11 @@ variable DASK_EC2_ANSIBLE_IDLE_SHUTDOWN holds a duration such as "30m".
 Idle is Dask's own notion (Scheduler.check_idle: no task transitions, no
 graph updates, nothing queued or processing, no Jupyter activity), and a
 worker joining counts as activity (a cluster being built or scaled is not
-forgotten). When the cluster has been idle that long, the scheduler
+forgotten), and so does a playbook configuring the machine: site.yml holds
+the shutdown with a file in /run while it runs (HOLD; a hold older than
+HOLD_MAX is a run that died, and is ignored). Without that, a scheduler
+that site.yml started again after an idle shutdown could power itself off
+in the middle of the run that reconfigures it. When the cluster has been idle that long, the scheduler
 
 1. asks every worker to power its machine off (the worker preload writes a
    marker that a root systemd path unit acts on),
@@ -27,6 +31,15 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 logger = logging.getLogger("distributed.scheduler.idle_shutdown")
 
 WORKER_OP = "dask_ec2_ansible_idle_shutdown"
+HOLD = Path("/run/dask-ec2-ansible-configuring")
+HOLD_MAX = 30 * 60
+
+
+def held() -> bool:
+    try:
+        return time.time() - HOLD.stat().st_mtime < HOLD_MAX
+    except OSError:
+        return False
 
 
 class _WorkerJoins(SchedulerPlugin):
@@ -50,6 +63,9 @@ def dask_setup(scheduler):
     async def watch():
         while scheduler.status.name not in ("closing", "closed"):
             await asyncio.sleep(interval)
+            if held():
+                joins.last_join = time.time()
+                continue
             since = scheduler.check_idle()
             if since is None:
                 continue

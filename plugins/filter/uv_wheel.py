@@ -1,3 +1,5 @@
+# Copyright: dask-ec2-ansible contributors
+# BSD-3-Clause
 """Pick uv's wheel for a machine from a package index's project page.
 
 The page is the index's "simple" page of the project uv, in either form an
@@ -7,6 +9,56 @@ can be downloaded on the machine and checked before it is unpacked.
 """
 
 from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: uv_wheel
+short_description: The uv wheel for a machine, from a package index's page of uv
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
+description:
+  - Reads the index's "simple" page of the project uv, in either form an index
+    may serve (PEP 691 JSON or PEP 503 HTML), and gives the manylinux wheel of
+    the wanted uv version for the machine's architecture, with its URL and its
+    sha256, so the machine downloads and checks it before unpacking it.
+  - When several wheels fit, the one that needs the oldest glibc.
+positional: page_url, version, architecture
+options:
+  _input:
+    description: The page, as the index served it.
+    type: str
+    required: true
+  page_url:
+    description: The page's URL (relative file URLs are resolved against it).
+    type: str
+    required: true
+  version:
+    description: The uv version.
+    type: str
+    required: true
+  architecture:
+    description: The machine's architecture, as C(ansible_facts['architecture']) says it (x86_64, aarch64).
+    type: str
+    required: true
+"""
+
+EXAMPLES = r"""
+- name: Read uv's page on PyPI
+  ansible.builtin.uri:
+    url: https://pypi.org/simple/uv/
+    return_content: true
+  register: page
+
+- name: Pick the wheel for this machine
+  ansible.builtin.set_fact:
+    wheel: "{{ page.content | dask_ec2_ansible.cluster.uv_wheel('https://pypi.org/simple/uv/', '0.13.9', ansible_facts['architecture']) }}"
+"""
+
+RETURN = r"""
+_value:
+  description: The wheel - C(filename), C(url) and C(sha256).
+  type: dict
+"""
 
 import html
 import json
@@ -31,7 +83,7 @@ def _files(page: str, page_url: str) -> list[dict]:
     files = []
     for href, name in _ANCHOR.findall(text):
         url, fragment = urldefrag(urljoin(page_url, html.unescape(href)))
-        algorithm, _, digest = fragment.partition("=")
+        algorithm, digest = fragment.partition("=")[::2]
         files.append({"filename": html.unescape(name), "url": url,
                       "sha256": digest.lower() if algorithm == "sha256" else None})
     return files

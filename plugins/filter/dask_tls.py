@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-import os
-
 DOCUMENTATION = r"""
 name: dask_tls_pending
 short_description: The certificates a run must (re)issue
+version_added: 0.1.0
+author:
+  - dask-ec2-ansible contributors (!UNKNOWN)
 description:
   - C(dask_tls_pending) keeps the certificates whose files are missing, whose
     addresses changed since they were issued, whose renewal date has passed,
@@ -20,8 +21,11 @@ description:
 EXAMPLES = r"""
 - name: List what to issue
   ansible.builtin.set_fact:
-    pending: "{{ certificates | dask_tls_pending(manifest, '/path/tls', ca_is_new, 365, now) }}"
+    pending: "{{ certificates | dask_ec2_ansible.cluster.dask_tls_pending(manifest, '/path/tls', ca_is_new, 365, now) }}"
 """
+
+import os
+
 
 RENEW_DAYS_BEFORE = 30
 
