@@ -977,7 +977,11 @@ def test_a_worker_that_cannot_start_fails_site_with_its_journal(cluster):
         assert run.returncode != 0
         assert f"dask-worker.service on {WORKER_1} did not start or become ready" in run.output, run.output[-4000:]
         failure = run.output[run.output.index(f"dask-worker.service on {WORKER_1} did not start"):]
-        assert "No such option: --no-such-option-of-the-test" in failure, failure[:4000]
+        # The worker's own error, from its journal (dask takes the unknown word for the scheduler's address).
+        journal = failure[failure.index("The last lines of its journal"):]
+        assert "--no-such-option-of-the-test" in journal and "dask-worker.service: Main process exited" in journal, \
+            failure[:4000]
+        assert "\\n" not in journal, "one journal line per line"
         assert f"make logs CLUSTER={CLUSTER} NODE=worker-1" in failure
     finally:
         docker_exec(WORKER_1, "rm", "-f", BROKEN_UNIT)
