@@ -978,7 +978,9 @@ def test_a_worker_that_cannot_start_fails_site_with_its_journal(cluster):
         assert f"dask-worker.service on {WORKER_1} did not start or become ready" in run.output, run.output[-4000:]
         failure = run.output[run.output.index(f"dask-worker.service on {WORKER_1} did not start"):]
         # The worker's own error, from its journal (dask takes the unknown word for the scheduler's address).
-        journal = failure[failure.index("The last lines of its journal"):]
+        start = failure.index("The last lines of its journal")
+        # The message as Ansible prints it (the JSON of the result that follows has its newlines escaped).
+        journal = failure[start:failure.index("\nfatal: ", start)]
         assert "--no-such-option-of-the-test" in journal and "dask-worker.service: Main process exited" in journal, \
             failure[:4000]
         assert "\\n" not in journal, "one journal line per line"
