@@ -8,6 +8,9 @@
 #   make status      every cluster and leftover of ours on AWS, priced (REGIONS=eu-west-1,us-east-1; default: all)
 #   make ssh         a shell on the scheduler of CLUSTER (NODE=worker-1: a worker; CMD='...': run that instead)
 #   make tunnel      Jupyter, dashboard, scheduler of CLUSTER on localhost until Ctrl-C (PORTS=18888,18787,18786)
+#   make logs        the services' journals of CLUSTER, each line prefixed by machine and service
+#                    (NODE=all|scheduler|worker-N SERVICE=all|scheduler|worker|jupyter|autoscaler SINCE=1h FOLLOW=1)
+#   make ssh-config  .clusters/CLUSTER/ssh_config (ssh CLUSTER-worker-1, VS Code) and the Include line for ~/.ssh/config
 #   make test        everything needed, then the whole test suite (CI runs this)
 #   make sanity      ansible-test sanity on the collection, offline (make test runs it too)
 #   make images      both local base images, Debian 12 and 13 (make image OS=debian-13: one)
@@ -34,7 +37,7 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup collection-link sanity docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel lint molecule test test-static browser bench clean
+.PHONY: help setup collection-link sanity docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel logs ssh-config lint molecule test test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -103,6 +106,19 @@ ssh:
 
 tunnel:
 	@scripts/cluster-ssh $(CLUSTER) --tunnel $(if $(strip $(PORTS)),--ports $(PORTS))
+
+## The journals of the cluster's services (all machines unless NODE= names one).
+logs:
+	@scripts/cluster-ssh $(CLUSTER) --logs --node $(if $(filter command line environment,$(origin NODE)),$(NODE),all) \
+		--service $(or $(SERVICE),all) $(if $(strip $(SINCE)),--since '$(SINCE)') $(if $(filter 1 yes true,$(FOLLOW)),--follow)
+
+## A Host entry per machine in .clusters/$(CLUSTER)/ssh_config (playbooks/ssh_config.yml, through the
+## provider's inventory); INCLUDE=1 also adds the Include line to ~/.ssh/config. The provider is the
+## one cluster.json names (an aws cluster on the emulator: . .emulator/env.sh first, as for any playbook).
+CLUSTER_PROVIDER = $(shell sed -n 's/^ *"provider": "\([a-z]*\)".*/\1/p' .clusters/$(CLUSTER)/cluster.json 2>/dev/null)
+ssh-config: setup
+	$(PLAYBOOK) playbooks/ssh_config.yml -e cluster_name=$(CLUSTER) $(if $(CLUSTER_PROVIDER),-e provider=$(CLUSTER_PROVIDER)) \
+		$(if $(filter 1 yes true,$(INCLUDE)),-e ssh_config_include=true)
 
 lint: setup
 	$(VENV)/bin/yamllint --strict .

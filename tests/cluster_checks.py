@@ -230,3 +230,38 @@ def assert_jupyter_wants_the_token_and_its_kernel_joins(info, workers: int) -> N
         "print('RESULT', client.submit(sum, range(101)).result())",
     ]))
     assert dict(line.split(" ", 1) for line in out.strip().splitlines()) == {"WORKERS": str(workers), "RESULT": "5050"}
+
+
+# ---- The services' journals: make logs, and what teardown keeps ----
+
+def log_on_worker(info, machine: str, text: str) -> None:
+    """Have the worker process on that machine log text (as a task's logging call would), so that it
+    lands in the journal of its unit, dask-worker.service."""
+    import logging
+
+    client = client_for(info)
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        (address,) = [a for a, w in workers.items() if w["name"] == machine]
+        client.run(logging.getLogger("distributed.worker").warning, text, workers=[address])
+    finally:
+        client.close()
+
+
+def make_logs(cluster: str, *args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(["make", "logs", f"CLUSTER={cluster}", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def logged_line(cluster: str, text: str, *args: str, env: dict | None = None, timeout: float = 30) -> str:
+    """The line of make logs that holds text (journald may take a moment to have it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = make_logs(cluster, *args, env=env)
+        assert run.returncode == 0, run.stderr
+        lines = [line for line in run.stdout.splitlines() if text in line]
+        if lines or time.monotonic() > deadline:
+            assert lines, f"{text!r} not in make logs {' '.join(args)}:\n{run.stdout[-3000:]}"
+            return lines[0]
+        time.sleep(1)

@@ -35,7 +35,8 @@ from pathlib import Path
 import pytest
 
 from cluster_checks import (assert_back_with_the_notebook, assert_jupyter_wants_the_token_and_its_kernel_joins,
-                            client_for, printed_connect_lines, run_pasted_lines, save_notebook, wait_for_workers)
+                            client_for, log_on_worker, logged_line, printed_connect_lines, run_pasted_lines,
+                            save_notebook, wait_for_workers)
 from emulator import running_emulator, wait_until
 from conftest import ROOT, docker_available, extra_ca_args, run_playbook
 
@@ -46,11 +47,13 @@ pytestmark = [
     pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
 ]
 
-EMULATOR = "dask-ec2-emulator-test"
+# Other names and another network (DASK_TEST_EMULATOR=..., DASK_TEST_EMULATOR_CIDR=...,
+# DASK_TEST_AWS_CLUSTER=...) let two checkouts run these tests on one Docker engine at once.
+EMULATOR = os.environ.get("DASK_TEST_EMULATOR", "dask-ec2-emulator-test")
 # Not the one `make demo-aws` uses (10.213.0.0/20), so both can run at once.
-CIDR = "10.214.0.0/20"
+CIDR = os.environ.get("DASK_TEST_EMULATOR_CIDR", "10.214.0.0/20")
 REGION = "eu-west-1"
-CLUSTER = "awse2e"
+CLUSTER = os.environ.get("DASK_TEST_AWS_CLUSTER", "awse2e")
 SCHEDULER = f"dask-{CLUSTER}-scheduler"
 STATE = ROOT / ".clusters" / CLUSTER
 CLUSTER_TAG = "dask-ec2-ansible:cluster"
@@ -504,6 +507,26 @@ def test_sync_run_and_ssh_work_on_the_aws_path(cluster, tmp_path):
     assert ssh.stdout.strip() == "ip-" + worker["PrivateIpAddress"].replace(".", "-")
 
 
+def test_logs_and_ssh_config_work_on_the_aws_path(cluster, tmp_path):
+    """make logs shows what a worker logged, prefixed by machine and service, and ssh -F with the cluster's
+    ssh_config (written by site.yml, again by make ssh-config through the aws inventory) reaches each machine."""
+    emulator, info = cluster["emulator"], cluster["info"]
+    marker = f"issue-26 marker on aws {os.urandom(8).hex()}"
+    log_on_worker(info, f"dask-{CLUSTER}-worker-1", marker)
+    line = logged_line(CLUSTER, marker, "NODE=worker-1", "SERVICE=worker", env=emulator["env"])
+    assert re.match(r"worker-1 worker +\| \S+Z .*WARNING", line), line
+    config = STATE / "ssh_config"
+    assert config.is_file(), "site.yml writes it"
+    env = dict(emulator["env"], HOME=str(tmp_path))
+    run = subprocess.run(["make", "ssh-config", f"CLUSTER={CLUSTER}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr
+    assert f"\nInclude {config}\n" in run.stdout and not (tmp_path / ".ssh").exists()
+    for alias in (f"{CLUSTER}-scheduler", f"{CLUSTER}-worker-1", f"{CLUSTER}-worker-2"):
+        ssh = subprocess.run(["ssh", "-F", str(config), alias, "true"], capture_output=True, text=True, timeout=60)
+        assert ssh.returncode == 0, f"{alias}: {ssh.stderr}"
+
+
 def test_scale_up_then_down_retires_through_the_scheduler_without_losing_data(cluster):
     import numpy as np
 
@@ -578,6 +601,10 @@ def test_teardown_of_a_stopped_scheduler_saves_its_notebooks_then_leaves_nothing
     saved = re.search(rf"Saved the notebook directory of {SCHEDULER} into (\S+)\.", run.output)
     assert saved, run.output[-3000:]
     assert (Path(saved[1]) / "kept.ipynb").is_file(), "the notebook written before idle_shutdown"
+    logs = Path(saved[1]) / "logs"
+    assert f"Saved the journals of {SCHEDULER}, dask-{CLUSTER}-worker-1 into {logs}." in run.output, run.output[-3000:]
+    assert "Scheduler at" in (logs / SCHEDULER / "dask-scheduler.log").read_text()
+    assert (logs / f"dask-{CLUSTER}-worker-1" / "dask-worker.log").is_file()
     client, by_cluster = ec2(emulator), [{"Name": f"tag:{CLUSTER_TAG}", "Values": [CLUSTER]}]
     assert cluster_instances(emulator) == {}
     assert client.describe_security_groups(Filters=by_cluster)["SecurityGroups"] == []

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_checks import (client_for, jupyter_get, kernel_on_the_cluster, printed_connect_lines, run_in_kernel,
-                            run_pasted_lines, save_file, save_notebook, security_for, wait_for_workers)
+from cluster_checks import (client_for, jupyter_get, kernel_on_the_cluster, log_on_worker, logged_line, make_logs,
+                            printed_connect_lines, run_in_kernel, run_pasted_lines, save_file, save_notebook,
+                            security_for, wait_for_workers)
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -708,6 +710,75 @@ def test_make_ssh_runs_a_command_on_a_node(cluster):
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode != 0 and "has no machine 'worker-9'" in unknown.stderr
 
+# ---- The services' journals (make logs) and ssh by host name (make ssh-config) ----
+
+def test_make_logs_shows_what_a_worker_logged_prefixed_by_machine_and_service(cluster):
+    marker = f"issue-26 marker {uuid.uuid4().hex}"
+    log_on_worker(cluster["info"], WORKER_1, marker)
+    line = logged_line(CLUSTER, marker, "NODE=worker-1", "SERVICE=worker")
+    assert re.match(r"worker-1 worker +\| \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ .*distributed\.worker.*WARNING", line), line
+    everything = make_logs(CLUSTER, "SINCE=1h")
+    assert everything.returncode == 0, everything.stderr
+    prefixes = {line.split("|", 1)[0].split()[0] + " " + line.split("|", 1)[0].split()[1]
+                for line in everything.stdout.splitlines() if "|" in line}
+    assert {"scheduler scheduler", "scheduler jupyter", "worker-1 worker", "worker-2 worker"} <= prefixes, prefixes
+    assert any(marker in line for line in everything.stdout.splitlines() if line.startswith("worker-1 worker"))
+    none = make_logs(CLUSTER, "SERVICE=autoscaler")
+    assert none.returncode == 0 and none.stdout == "" and "no autoscaler service" in none.stderr
+    wrong = make_logs(CLUSTER, "NODE=worker-1", "SERVICE=jupyter")
+    assert wrong.returncode != 0 and "runs no jupyter service" in wrong.stderr
+
+
+def test_make_logs_follow_streams_until_interrupted(cluster):
+    follow = subprocess.Popen(["make", "logs", f"CLUSTER={CLUSTER}", "NODE=worker-1", "SERVICE=worker", "FOLLOW=1"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        time.sleep(3)  # journalctl --follow is running on the machine
+        marker = f"issue-26 followed {uuid.uuid4().hex}"
+        log_on_worker(cluster["info"], WORKER_1, marker)
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(marker in line for line in seen):
+            seen.append(follow.stdout.readline())
+        assert any(marker in line and line.startswith("worker-1 worker") for line in seen), seen[-20:]
+    finally:
+        os.killpg(follow.pid, signal.SIGINT)  # Ctrl-C
+        follow.wait(timeout=15)
+
+
+def test_ssh_config_reaches_every_machine_by_name_and_includes_only_when_asked(cluster, tmp_path):
+    config = STATE / "ssh_config"
+    assert config.is_file(), "site.yml writes it"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home))
+    run = subprocess.run(["make", "ssh-config", f"CLUSTER={CLUSTER}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr
+    assert f"\nInclude {config}\n" in run.stdout
+    assert not (home / ".ssh").exists(), "~/.ssh/config is changed only when asked"
+    for alias, machine in ((f"{CLUSTER}-scheduler", SCHEDULER), (f"{CLUSTER}-worker-1", WORKER_1),
+                           (f"{CLUSTER}-worker-2", f"dask-{CLUSTER}-worker-2")):
+        ssh = subprocess.run(["ssh", "-F", str(config), alias, "true"], capture_output=True, text=True, timeout=60)
+        assert ssh.returncode == 0, ssh.stderr
+    ssh = subprocess.run(["ssh", "-F", str(config), f"{CLUSTER}-worker-1", "hostname"], capture_output=True,
+                         text=True, timeout=60)
+    assert ssh.stdout.strip() == WORKER_1
+    # INCLUDE=1: the line goes at the top of ~/.ssh/config, once, and what was there stays.
+    (home / ".ssh").mkdir(mode=0o700)
+    (home / ".ssh" / "config").write_text("Host elsewhere\n    User someone\n")
+    for _ in range(2):
+        run = subprocess.run(["make", "ssh-config", f"CLUSTER={CLUSTER}", "INCLUDE=1"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr
+    assert (home / ".ssh" / "config").read_text() == f"Include {config}\nHost elsewhere\n    User someone\n"
+    ssh = subprocess.run(["ssh", "-F", str(home / ".ssh" / "config"), f"{CLUSTER}-worker-1", "true"],
+                         capture_output=True, text=True, timeout=60)
+    assert ssh.returncode == 0, ssh.stderr
+
+
 # ---- What site.yml prints at the end, as a user copies it ----
 
 def test_cluster_environment_reaches_every_worker_the_scheduler_and_the_kernel(cluster):
@@ -908,6 +979,41 @@ def test_systemd_restarts_a_killed_worker(cluster):
         client.close()
 
 
+BROKEN_UNIT = "/etc/systemd/system/dask-worker.service.d/broken-by-the-test.conf"
+
+
+def test_a_worker_that_cannot_start_fails_site_with_its_journal(cluster):
+    """A bad setting in the worker's unit: site.yml's wait for the worker fails, and its message has the
+    unit's own journal lines (the worker's error), not only a timeout."""
+    setting = "[Service]\nExecStart=\nExecStart=/opt/dask/venv/bin/dask worker --no-such-option-of-the-test\n"
+    docker_exec(WORKER_1, "mkdir", "-p", str(Path(BROKEN_UNIT).parent))
+    docker_exec(WORKER_1, "sh", "-c", f"printf '{setting}' > {BROKEN_UNIT}")
+    try:
+        assert docker_exec(WORKER_1, "systemctl", "daemon-reload").returncode == 0
+        docker_exec(WORKER_1, "systemctl", "restart", "dask-worker")
+        run = run_playbook("site.yml", *SITE_ARGS, check=False, name="site-broken-worker")
+        assert run.returncode != 0
+        assert f"dask-worker.service on {WORKER_1} did not start or become ready" in run.output, run.output[-4000:]
+        failure = run.output[run.output.index(f"dask-worker.service on {WORKER_1} did not start"):]
+        # The worker's own error, from its journal (dask takes the unknown word for the scheduler's address).
+        start = failure.index("The last lines of its journal")
+        # The message as Ansible prints it (the JSON of the result that follows has its newlines escaped).
+        journal = failure[start:failure.index("\nfatal: ", start)]
+        assert "--no-such-option-of-the-test" in journal and "dask-worker.service: Main process exited" in journal, \
+            failure[:4000]
+        assert "\\n" not in journal, "one journal line per line"
+        assert f"make logs CLUSTER={CLUSTER} NODE=worker-1" in failure
+    finally:
+        docker_exec(WORKER_1, "rm", "-f", BROKEN_UNIT)
+        docker_exec(WORKER_1, "systemctl", "daemon-reload")
+        docker_exec(WORKER_1, "systemctl", "restart", "dask-worker")
+    client = client_for(cluster["info"])
+    try:
+        wait_for_workers(client, WORKERS, timeout=90)
+    finally:
+        client.close()
+
+
 def test_scale_down_retires_workers_without_losing_data(cluster):
     """Scattered data has no lineage: if a worker were killed instead of
     retired through the scheduler, its share would be gone for good."""
@@ -948,6 +1054,10 @@ def test_teardown_that_cannot_save_the_work_removes_nothing(cluster, tmp_path):
 
 def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(cluster):
     info = cluster["info"]
+    marker = f"issue-26 kept {uuid.uuid4().hex}"
+    log_on_worker(info, WORKER_1, marker)
+    logged_line(CLUSTER, marker, "NODE=worker-1", "SERVICE=worker")
+    assert (STATE / "ssh_config").is_file()
     notebook = save_notebook(info, "my-analysis.ipynb", "import dask\nprint('an evening of work')")
     save_file(info, "results/2026/ndvi.csv", b"month,ndvi\n1,0.42\n")
     # Without save_dir: saved/<cluster>/<UTC time>/ at the repository root.
@@ -965,12 +1075,22 @@ def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(
         # The project's clone is work; its environment is not.
         assert (dest / PROJECT / "analysis.py").read_text() == "import six\n"
         assert not list(dest.rglob(".venv")) and not list(dest.rglob(".ipynb_checkpoints"))
+        # Every machine's journals, with the line the worker logged (worker-2 went with the scale-down).
+        assert f"Saved the journals of {SCHEDULER}, {WORKER_1} into {dest}/logs." in run.output, run.output[-3000:]
+        logs = dest / "logs"
+        assert sorted(p.relative_to(logs).as_posix() for p in logs.rglob("*.log")) == sorted([
+            f"{SCHEDULER}/dask-scheduler.log", f"{SCHEDULER}/jupyterlab.log", f"{SCHEDULER}/machine.log",
+            f"{WORKER_1}/dask-worker.log", f"{WORKER_1}/machine.log"])
+        assert marker in (logs / WORKER_1 / "dask-worker.log").read_text()
+        assert "Starting worker" in (logs / WORKER_1 / "dask-worker.log").read_text()
+        assert "Scheduler at" in (logs / SCHEDULER / "dask-scheduler.log").read_text()
+        assert "Jupyter Server" in (logs / SCHEDULER / "jupyterlab.log").read_text()
     finally:
         shutil.rmtree(dest.parent)
     assert docker_objects("container", CLUSTER) == []
     assert docker_objects("network", CLUSTER) == []
     assert docker_objects("volume", CLUSTER) == []
-    assert not STATE.exists()
+    assert not STATE.exists() and not (STATE / "ssh_config").exists()
     again = teardown(name="teardown-2")
     assert f"Nothing saved: cluster '{CLUSTER}' has no scheduler machine any more." in again.output
 
