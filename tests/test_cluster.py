@@ -792,7 +792,7 @@ def test_cluster_environment_reaches_every_worker_the_scheduler_and_the_kernel(c
 
     client = client_for(cluster["info"])
     try:
-        wait_for_workers(client, WORKERS)
+        wait_for_workers(client, WORKERS, timeout=90)
         on_workers = client.run(environment)
         on_scheduler = client.run_on_scheduler(environment)
     finally:
@@ -1082,7 +1082,7 @@ def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(
             f"{SCHEDULER}/dask-scheduler.log", f"{SCHEDULER}/jupyterlab.log", f"{SCHEDULER}/machine.log",
             f"{WORKER_1}/dask-worker.log", f"{WORKER_1}/machine.log"])
         assert marker in (logs / WORKER_1 / "dask-worker.log").read_text()
-        assert "Starting worker" in (logs / WORKER_1 / "dask-worker.log").read_text()
+        assert "Start worker at" in (logs / WORKER_1 / "dask-worker.log").read_text()
         assert "Scheduler at" in (logs / SCHEDULER / "dask-scheduler.log").read_text()
         assert "Jupyter Server" in (logs / SCHEDULER / "jupyterlab.log").read_text()
     finally:
