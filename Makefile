@@ -11,7 +11,8 @@
 #   make logs        the services' journals of CLUSTER, each line prefixed by machine and service
 #                    (NODE=all|scheduler|worker-N SERVICE=all|scheduler|worker|jupyter|autoscaler SINCE=1h FOLLOW=1)
 #   make ssh-config  .clusters/CLUSTER/ssh_config (ssh CLUSTER-worker-1, VS Code) and the Include line for ~/.ssh/config
-#   make test        everything needed, then the whole test suite (CI runs this)
+#   make test        everything needed, then the whole test suite (CI runs this) but the slow-marked tests
+#   make test-slow   the tests left out of make test for their time (pytest -m slow)
 #   make sanity      ansible-test sanity on the collection, offline (make test runs it too)
 #   make images      both local base images, Debian 12 and 13 (make image OS=debian-13: one)
 #   make bench       time to a ready cluster, re-run cost, uv vs pip (not in make test)
@@ -37,7 +38,7 @@ EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
 EMULATOR_ENV := set -a && . .emulator/env.sh && set +a &&
 
-.PHONY: help setup collection-link sanity docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel logs ssh-config lint molecule test test-static browser bench clean
+.PHONY: help setup collection-link sanity docker image images test-tools demo demo-down bake demo-aws demo-aws-down status ssh tunnel logs ssh-config lint molecule test test-slow test-static browser bench clean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -148,6 +149,10 @@ sanity: setup
 ## Everything
 test: setup images test-tools
 	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest
+
+## The tests marked slow (pyproject.toml leaves them out of every other run).
+test-slow: setup images test-tools
+	EXTRA_CA_BUNDLE=$(EXTRA_CA_BUNDLE) $(VENV)/bin/pytest -m slow
 
 ## Benchmark (slow, noisy: not part of make test): make bench BENCH_ARGS="--runs 1"
 bench: setup image
