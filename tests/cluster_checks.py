@@ -192,6 +192,23 @@ INSTALL_TASKS = [
 ]
 
 
+# The work the image's stamps (written by bake.yml) let every machine of a cluster from a baked image skip.
+STAMPED_INSTALLS = [
+    "common : Install the packages, the CA bundle and the service user",
+    "uv : Install uv at the pinned version",
+    "dask : Install the pinned requirements into the Dask environment",
+]
+
+
+def assert_the_image_stamps_skipped_the_installs(output: str, machines) -> None:
+    """Every machine found the stamps bake.yml left on its image matching: the installing roles did nothing."""
+    for task in STAMPED_INSTALLS:
+        results = task_results(output, task)
+        skipped = sorted(re.match(r"skipping: \[([^\]]+)\]", line).group(1) for line in results
+                         if line.startswith("skipping: "))
+        assert skipped == sorted(machines), f"{task}: {results}"
+
+
 def task_results(output: str, task: str) -> list[str]:
     """The result lines ("ok: [host]", "changed: [host]", "skipping: ...") of one task."""
     lines, inside = [], False

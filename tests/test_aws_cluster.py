@@ -471,6 +471,9 @@ def test_jupyter_needs_the_token_and_its_kernel_joins_the_cluster(cluster):
 def test_a_second_run_changes_nothing(cluster):
     again = site(cluster["emulator"], "-e", "worker_count=2", name="aws-site-second")
     assert again.changed == 0, again.changed_tasks()
+    # Every role found its stamp matching on every machine.
+    assert f"Configured: none; skipped, their stamps match this run's inputs: {SCHEDULER}, " in again.output, \
+        again.output[-3000:]
 
 
 def test_sync_run_and_ssh_work_on_the_aws_path(cluster, tmp_path):
@@ -531,7 +534,10 @@ def test_scale_up_then_down_retires_through_the_scheduler_without_losing_data(cl
     import numpy as np
 
     emulator, info = cluster["emulator"], cluster["info"]
-    site(emulator, "-e", "worker_count=3", name="aws-site-scale-up")
+    up = site(emulator, "-e", "worker_count=3", name="aws-site-scale-up")
+    # Only the new machine was configured; the others' stamps matched.
+    assert (f"Configured: dask-{CLUSTER}-worker-3; skipped, their stamps match this run's inputs: "
+            f"{SCHEDULER}, dask-{CLUSTER}-worker-1, dask-{CLUSTER}-worker-2") in up.output, up.output[-3000:]
     client = client_for(info)
     try:
         wait_for_workers(client, 3, timeout=60)

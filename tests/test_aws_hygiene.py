@@ -320,6 +320,8 @@ OWN_MODULE_ACTIONS = {
                         "ec2:StartInstances", "ec2:CreateTags", "ec2:DeleteTags"},
     "dask_ec2_status": {"ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs",
                         "ec2:DescribeVolumes", "ec2:DescribeLaunchTemplates", "pricing:GetProducts"},
+    # Runs on the cluster's machines and writes a local file there: no AWS call.
+    "dask_ec2_stamp": set(),
 }
 
 

@@ -22,7 +22,7 @@ import requests
 
 from cluster_checks import (client_for, jupyter_get, kernel_on_the_cluster, log_on_worker, logged_line, make_logs,
                             printed_connect_lines, run_in_kernel, run_pasted_lines, save_file, save_notebook,
-                            security_for, wait_for_workers)
+                            security_for, task_results, wait_for_workers)
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -919,6 +919,46 @@ def test_second_run_changes_nothing(cluster):
     run = run_playbook("site.yml", *SITE_ARGS, name="site-second-run")
     assert run.changed == 0, run.changed_tasks()
     assert edit in docker_exec(SCHEDULER, "cat", notebook).stdout, "the re-run replaced the user's notebook"
+    # Every role found its stamp matching on every machine: nothing was configured again.
+    assert f"Configured: none; skipped, their stamps match this run's inputs: {SCHEDULER}, " in run.output, \
+        run.output[-3000:]
+    assert not task_results(run.output, "dask : Install the Dask environment"), "the stamp did not skip the install"
+
+
+def unit_state(host: str, unit: str = "dask-worker") -> tuple[str, str]:
+    return (docker_exec(host, "systemctl", "is-enabled", unit).stdout.strip(),
+            docker_exec(host, "systemctl", "is-active", unit).stdout.strip())
+
+
+def test_a_changed_setting_reaches_every_worker_and_a_rerun_mends_what_was_broken_by_hand(cluster):
+    """Stamps skip only what matches: a plain re-run with a changed worker_nthreads reconfigures every
+    worker (and not the scheduler, whose inputs did not change), and starts and enables a worker stopped
+    and disabled by hand; a unit file edited by hand is put back by -e converge=full, which checks all."""
+    unit = "/etc/systemd/system/dask-worker.service"
+    worker_2 = f"dask-{CLUSTER}-worker-2"
+    docker_exec(WORKER_1, "systemctl", "disable", "--now", "dask-worker")
+    assert unit_state(WORKER_1) == ("disabled", "inactive")
+    run = run_playbook("site.yml", *SITE_ARGS, "-e", "worker_nthreads=2", name="site-changed-nthreads")
+    assert (f"Configured: {WORKER_1}, {worker_2}; skipped, their stamps match this run's inputs: {SCHEDULER}"
+            in run.output), run.output[-3000:]
+    for host in (WORKER_1, worker_2):
+        assert "--nthreads 2" in docker_exec(host, "cat", unit).stdout, host
+    assert unit_state(WORKER_1) == ("enabled", "active")
+    client = client_for(cluster["info"])
+    try:
+        wait_for_workers(client, WORKERS, timeout=90)
+        threads = {w["name"]: w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values()}
+        assert threads == {WORKER_1: 2, worker_2: 2}
+    finally:
+        client.close()
+
+    # By hand, the unit: a plain re-run trusts the stamp (docs/working.md says so); converge=full does not.
+    docker_exec(worker_2, "sh", "-c", f"echo '# edited by hand' >> {unit}")
+    full = run_playbook("site.yml", *SITE_ARGS, "-e", "converge=full", name="site-converge-full")
+    assert f"Configured: {SCHEDULER}, {WORKER_1}, {worker_2}; skipped" in full.output, full.output[-3000:]
+    text = docker_exec(worker_2, "cat", unit).stdout
+    assert "# edited by hand" not in text and "--nthreads" not in text
+    assert full.recap[SCHEDULER]["changed"] == 0, full.changed_tasks()
 
 
 def test_check_diff_shows_the_unit_lines_that_would_change_and_changes_nothing(cluster):
