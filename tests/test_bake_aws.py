@@ -25,6 +25,8 @@ boto3 = pytest.importorskip("boto3")
 
 pytestmark = [
     pytest.mark.cluster,
+    # make test-slow: make test must stay within CI's time.
+    pytest.mark.slow,
     pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
 ]
 

@@ -20,6 +20,8 @@ from conftest import ROOT, docker_available, docker_objects, extra_ca_args, run_
 
 pytestmark = [
     pytest.mark.cluster,
+    # make test-slow: make test must stay within CI's time.
+    pytest.mark.slow,
     pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
 ]
 
