@@ -144,6 +144,7 @@ def world(tmp_path_factory):
         yield {"users": users, "alice": alice, "bob": bob, "outputs": outputs, "left": left}
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_every_resource_carries_its_owner(world):
     for cluster, env, user in (("hyga", world["alice"], "alice"), ("hygb", in_region(world["alice"], US), "alice"),
                                ("hygc", world["bob"], "bob")):
@@ -159,6 +160,7 @@ def test_every_resource_carries_its_owner(world):
         assert {tags(r).get(OWNER_TAG) for r in resources} == {arn}, cluster
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_cost_is_shown_before_the_launch_from_the_dated_price_table(world):
     out = world["outputs"]["hyga"]
     table = PRICES["instances"][EU]
@@ -193,6 +195,7 @@ REFUSALS = [
 ]
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 @pytest.mark.parametrize(("args", "cluster", "messages"), REFUSALS)
 def test_site_yml_stops_in_preflight_before_anything_exists(world, args, cluster, messages):
     env = world["alice"]
@@ -216,6 +219,7 @@ def status(env, *extra, name):
     return result, json.loads((ROOT / ".clusters" / "status.json").read_text()), seconds
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_make_status_lists_clusters_in_two_regions_and_what_is_left_behind(world):
     alice, users = world["alice"], world["users"]
     # Bob's hygc as idle_shutdown leaves a cluster: stopped, its volumes kept.
@@ -265,6 +269,7 @@ def test_make_status_lists_clusters_in_two_regions_and_what_is_left_behind(world
     assert report["errors"] == {}
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_status_looks_in_every_enabled_region_without_provider_or_regions(world):
     result, report, seconds = status(world["bob"], name="hygiene-status-all-regions")
     enabled = sorted(r["RegionName"] for r in client(world["bob"]).describe_regions()["Regions"]
@@ -276,6 +281,7 @@ def test_status_looks_in_every_enabled_region_without_provider_or_regions(world)
     assert seconds < 300
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_teardown_all_mine_refuses_without_a_terminal_or_confirm(world):
     alice = world["alice"]
     before = {c: sorted(instances(in_region(alice, r), c)) for c, r in (("hyga", EU), ("hygb", US), ("hygc", EU))}
@@ -291,6 +297,7 @@ def test_teardown_all_mine_refuses_without_a_terminal_or_confirm(world):
     assert tagged_volumes(alice, "hygold") == [world["left"]["hygold"]["volume"]]
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_teardown_all_mine_removes_every_cluster_of_mine_and_nothing_else(world):
     alice, bob = world["alice"], world["bob"]
     bobs = {n: i["InstanceId"] for n, i in instances(bob, "hygc").items()}

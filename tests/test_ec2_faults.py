@@ -152,6 +152,7 @@ def by_name(proxy, cluster):
     return {n: (i["InstanceType"], tags(i).get(LIFECYCLE)) for n, i in instances(aws_env(proxy.url), cluster).items()}
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_spot_workers_ask_for_spot_and_throttling_is_retried(proxy):
     cluster = "fspot"
     proxy.refuse("RunInstances", "RequestLimitExceeded", first=2)
@@ -175,6 +176,7 @@ def test_spot_workers_ask_for_spot_and_throttling_is_retried(proxy):
     teardown_leaves_nothing(proxy, cluster)
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_spot_refused_falls_back_to_on_demand_at_once(proxy):
     cluster = "ffallback"
     zones = len(default_subnets(proxy.url))
@@ -195,6 +197,7 @@ def test_spot_refused_falls_back_to_on_demand_at_once(proxy):
     teardown_leaves_nothing(proxy, cluster)
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 @pytest.mark.parametrize("given", [False, True], ids=["default-subnets", "vpc_subnet_ids"])
 def test_capacity_refused_in_one_zone_is_found_in_the_next(proxy, given):
     cluster = "fzone"
@@ -219,6 +222,7 @@ def test_capacity_refused_in_one_zone_is_found_in_the_next(proxy, given):
     ("VcpuLimitExceeded", 1, ["quota", "VcpuLimitExceeded", "Service Quotas", "worker_count", "L-1216C47A"]),
     ("InsufficientInstanceCapacity", None, ["no capacity for m6i.large", "another instance type", "vpc_subnet_ids"]),
 ], ids=["quota", "no-capacity-anywhere"])
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_a_limit_that_cannot_be_worked_around_stops_with_what_to_do_and_leaves_nothing(proxy, code, refusals, words):
     cluster = "flimit"
     proxy.refuse("RunInstances", code, where={"InstanceType": "m6i.large"})
@@ -235,6 +239,7 @@ def test_a_limit_that_cannot_be_worked_around_stops_with_what_to_do_and_leaves_n
     teardown_leaves_nothing(proxy, cluster)
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_a_half_made_cluster_is_kept_when_asked_and_completed_by_the_next_run(proxy):
     cluster = "fhalf"
     proxy.refuse("RunInstances", "InsufficientInstanceCapacity",
@@ -255,6 +260,7 @@ def test_a_half_made_cluster_is_kept_when_asked_and_completed_by_the_next_run(pr
     teardown_leaves_nothing(proxy, cluster)
 
 
+@pytest.mark.slow  # make test-slow: make test must stay within CI's time
 def test_a_launch_whose_answer_is_lost_converges_without_duplicates(proxy):
     cluster = "freset"
     # The 2nd RunInstances (worker-1) reaches EC2, but the connection is reset before the answer.

@@ -18,6 +18,8 @@ from cluster_checks import assert_back_with_the_notebook, client_for, save_noteb
 
 pytestmark = [
     pytest.mark.cluster,
+    # make test-slow: make test must stay within CI's time.
+    pytest.mark.slow,
     pytest.mark.skipif(not docker_available(), reason="needs a Docker engine (make docker)"),
 ]
 

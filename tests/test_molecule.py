@@ -33,7 +33,16 @@ def test_every_role_with_tasks_has_a_scenario():
     assert roles - set(SCENARIO_ROLES) <= {"provider_docker", "provider_aws", "dask_tls", "cluster", "dask_service"}
 
 
-@pytest.mark.parametrize("role", SCENARIO_ROLES)
+# make test runs the common scenario on both Debians; the scenarios that
+# install the Dask environment take minutes each and run with make test-slow
+# (and make molecule). The same roles run in every cluster test, the local
+# one on Debian 12 and the EC2 emulator's on Debian 13.
+IN_MAKE_TEST = {"common"}
+
+
+@pytest.mark.parametrize("role", [
+    role if role in IN_MAKE_TEST else pytest.param(role, marks=pytest.mark.slow) for role in SCENARIO_ROLES
+])
 def test_molecule_scenario(role):
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", ANSIBLE_FORCE_COLOR="0", PY_COLORS="0",
                NO_COLOR="1")
