@@ -1045,6 +1045,9 @@ def test_a_worker_that_cannot_start_fails_site_with_its_journal(cluster):
             failure[:4000]
         assert "\\n" not in journal, "one journal line per line"
         assert f"make logs CLUSTER={CLUSTER} NODE=worker-1" in failure
+        # The report says so at once, without waiting out its retries for a worker that cannot join.
+        assert f"Not waiting for the cluster: a service did not start on {WORKER_1}" in run.output
+        assert '"attempts": 120' not in run.output
     finally:
         docker_exec(WORKER_1, "rm", "-f", BROKEN_UNIT)
         docker_exec(WORKER_1, "systemctl", "daemon-reload")
