@@ -142,6 +142,21 @@ def tags(resource) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
 
 
+def iam_leftovers(env, cluster) -> list[str]:
+    """The cluster's own IAM role and instance profile (s3_*_buckets), by name: a user's policy may not list."""
+    client = boto3.client("iam", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    name, found = f"dask-{cluster}-{REGION}", []
+    for kind, call in (("role", lambda: client.get_role(RoleName=name)),
+                       ("instance-profile", lambda: client.get_instance_profile(InstanceProfileName=name))):
+        try:
+            call()
+            found.append(f"{kind}/{name}")
+        except client.exceptions.NoSuchEntityException:
+            pass
+    return found
+
+
 def leftovers(env, cluster):
     client = ec2(env)
     cluster_filter = [{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}]
@@ -152,11 +167,13 @@ def leftovers(env, cluster):
         "tagged_key_pairs": [k["KeyName"] for k in client.describe_key_pairs(Filters=cluster_filter)["KeyPairs"]],
         "launch_templates": [t["LaunchTemplateName"] for t in client.describe_launch_templates()["LaunchTemplates"]
                              if t["LaunchTemplateName"].startswith(f"dask-{cluster}-")],
+        "iam": iam_leftovers(env, cluster),
     }
 
 
 def nothing_left(env, cluster):  # noqa: ARG001 (same call shape as leftovers)
-    return {"instances": [], "security_groups": [], "key_pairs": [], "tagged_key_pairs": [], "launch_templates": []}
+    return {"instances": [], "security_groups": [], "key_pairs": [], "tagged_key_pairs": [], "launch_templates": [],
+            "iam": []}
 
 
 def provision(env, *args, cluster=CLUSTER, name=None, check=True):
@@ -166,7 +183,14 @@ def provision(env, *args, cluster=CLUSTER, name=None, check=True):
 
 @pytest.fixture(scope="module")
 def cluster(aws):
-    first = provision(aws, "-e", "worker_count=2", name="aws-provision-first")
+    # A profile of the user's own (iam_instance_profile), made as a user makes it, for the machines.
+    iam = boto3.client("iam", region_name=REGION, endpoint_url=aws["AWS_ENDPOINT_URL"],
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    iam.create_role(RoleName="my-machines", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
+    iam.create_instance_profile(InstanceProfileName="my-machines")
+    iam.add_role_to_instance_profile(InstanceProfileName="my-machines", RoleName="my-machines")
+    first = provision(aws, "-e", "worker_count=2", "-e", "iam_instance_profile=my-machines", name="aws-provision-first")
     yield {"env": aws, "first": first, "instances": instances(aws)}
 
 
@@ -178,6 +202,12 @@ def test_provision_creates_one_scheduler_and_numbered_workers(cluster):
         assert inst["KeyName"] == f"dask-{CLUSTER}"
     assert cluster["instances"][f"dask-{CLUSTER}-scheduler"]["InstanceType"] == "t3.large"
     assert cluster["instances"][f"dask-{CLUSTER}-worker-1"]["InstanceType"] == "m6i.large"
+
+
+def test_the_machines_carry_the_users_own_instance_profile(cluster):
+    assert {inst["IamInstanceProfile"]["Arn"] for inst in cluster["instances"].values()} == {
+        "arn:aws:iam::123456789012:instance-profile/my-machines"}
+    assert iam_leftovers(cluster["env"], CLUSTER) == [], "no role of the cluster's own beside the user's"
 
 
 def test_every_resource_is_tagged(cluster):
@@ -391,6 +421,9 @@ BAD_INPUTS = [
      "the private range of your VPN or of the VPC"),
     ({}, ["-e", '{"vpc_subnet_ids": ["subnet-0123456789abcdef0", "eu-west-1a"]}'], "vpc_subnet_ids must be subnet ids"),
     ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, [], "No usable AWS credentials"),
+    ({}, ["-e", "s3_read_buckets=data-a"], "s3_read_buckets must be a list (got str)"),
+    ({}, ["-e", '{"s3_write_buckets": ["results"], "iam_instance_profile": "mine"}'], "set one of the two"),
+    ({}, ["-e", '{"s3_read_buckets": ["no-such-bucket-here/x"]}'], "S3 has no bucket no-such-bucket-here"),
 ]
 
 
@@ -437,6 +470,18 @@ MODULE_ACTIONS = {
     # state: absent only (teardown deletes a cluster's unattached volumes)
     "ec2_vol": {"ec2:DescribeVolumes", "ec2:DeleteVolume"},
     "ec2_vol_info": {"ec2:DescribeVolumes"},
+    # s3_*_buckets: the cluster's own role, its instance profile and inline policy; teardown removes them
+    "iam_role": {"iam:GetRole", "iam:CreateRole", "iam:DeleteRole", "iam:TagRole", "iam:UntagRole",
+                 "iam:UpdateRole", "iam:UpdateAssumeRolePolicy", "iam:ListRolePolicies", "iam:DeleteRolePolicy",
+                 "iam:ListAttachedRolePolicies", "iam:ListInstanceProfilesForRole", "iam:GetInstanceProfile",
+                 "iam:CreateInstanceProfile", "iam:DeleteInstanceProfile", "iam:TagInstanceProfile",
+                 "iam:AddRoleToInstanceProfile", "iam:RemoveRoleFromInstanceProfile"},
+    "iam_instance_profile": {"iam:GetInstanceProfile", "iam:CreateInstanceProfile", "iam:DeleteInstanceProfile",
+                             "iam:AddRoleToInstanceProfile", "iam:RemoveRoleFromInstanceProfile",
+                             "iam:TagInstanceProfile", "iam:UntagInstanceProfile"},
+    "iam_role_info": {"iam:GetRole", "iam:ListRolePolicies", "iam:ListAttachedRolePolicies",
+                      "iam:ListInstanceProfilesForRole", "iam:ListRoleTags"},
+    "iam_policy": {"iam:GetRolePolicy", "iam:ListRolePolicies", "iam:PutRolePolicy", "iam:DeleteRolePolicy"},
 }
 
 
@@ -496,14 +541,17 @@ def refused(call) -> str:
 
 
 def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
-    """provision.yml and teardown.yml with only a user's keys whose one policy is the shipped one.
+    """provision.yml and teardown.yml with only a user's keys whose one policy is the shipped one, for a cluster
+    with S3 buckets by name: the role it makes allows exactly those buckets, as IAM holds it and as S3 enforces it.
 
     moto enforces IAM once INITIAL_NO_AUTH_ACTION_COUNT requests (the set-up
     below, made as root) are spent: every later request must be signed by a
-    known user's key and its action allowed by that user's policies."""
+    known user's key and its action allowed by that user's policies (and, for
+    a role's session, by the role's)."""
     shipped = json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text())
     users = {"dask-shipped": shipped, "dask-moto-view": as_moto_evaluates(shipped)}
-    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT=str(4 * len(users))) as endpoint:
+    # 4 requests per user; 3 buckets, 2 objects and a session of the cluster's role.
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT=str(4 * len(users) + 6)) as endpoint:
         root = boto3.client("iam", region_name=REGION, endpoint_url=endpoint,
                             aws_access_key_id="testing", aws_secret_access_key="testing")
         envs = {}
@@ -513,12 +561,25 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
             root.attach_user_policy(UserName=user, PolicyArn=arn)
             key = root.create_access_key(UserName=user)["AccessKey"]
             envs[user] = aws_env(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        for bucket, region in (("data-a", REGION), ("results-b", "us-west-2"), ("other-c", REGION)):
+            s3_root = boto3.client("s3", region_name=region, endpoint_url=endpoint,
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+            s3_root.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+        s3_root.put_object(Bucket="data-a", Key="raw/table.csv", Body=b"x,y\n1,2\n")
+        s3_root.put_object(Bucket="other-c", Key="secret.csv", Body=b"no")
+        # What a machine's metadata service hands out: a session of the cluster's role (moto answers AssumeRole
+        # with a 500 once it enforces IAM, so the session is taken now; the role's policy, made by provision.yml
+        # below, is looked up at each request).
+        role_arn = f"arn:aws:iam::123456789012:role/dask-ec2-ansible/dask-awsiam-{REGION}"
+        keys = boto3.client("sts", region_name=REGION, endpoint_url=endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing").assume_role(
+            RoleArn=role_arn, RoleSessionName="i-0machine")["Credentials"]
         env = envs["dask-moto-view"]
 
-        def client(service, user="dask-moto-view"):
-            return boto3.client(service, region_name=REGION, endpoint_url=endpoint,
-                                aws_access_key_id=envs[user]["AWS_ACCESS_KEY_ID"],
-                                aws_secret_access_key=envs[user]["AWS_SECRET_ACCESS_KEY"])
+        def client(service, user="dask-moto-view", **keys):
+            return boto3.client(service, region_name=REGION, endpoint_url=endpoint, **(keys or {
+                "aws_access_key_id": envs[user]["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": envs[user]["AWS_SECRET_ACCESS_KEY"]}))
 
         # Enforcement is on: the root keys are now unknown, and what the policy lacks is refused.
         assert refused(lambda: root.list_users()) == "InvalidClientTokenId"
@@ -533,15 +594,64 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
 
         log = tmp_path / "moto.log"
         start = len(log.read_text())
-        run_playbook("playbooks/provision.yml", *BASE_ARGS, "-e", "cluster_name=awsiam", "-e", "worker_count=1",
-                     env=env, name="aws-iam-provision")
-        assert sorted(instances(env, "awsiam")) == ["dask-awsiam-scheduler", "dask-awsiam-worker-1"]
+        buckets = ["-e", json.dumps({"s3_read_buckets": ["data-a/raw"], "s3_write_buckets": ["s3://results-b"]})]
+        provisioned = run_playbook("playbooks/provision.yml", *BASE_ARGS, "-e", "cluster_name=awsiam", "-e",
+                                   "worker_count=1", *buckets, env=env, name="aws-iam-provision")
+        provision_log = log.read_text()[start:]
+        found = instances(env, "awsiam")
+        assert sorted(found) == ["dask-awsiam-scheduler", "dask-awsiam-worker-1"]
+        # Before the launch: the bucket of another region, and what reading it costs.
+        assert re.search(r"S3 bucket results-b is in us-west-2, the cluster in eu-west-1: every GB the cluster reads\s+"
+                         r"from it crosses regions \(about \$0\.02 per GB", provisioned.output), provisioned.output[-3000:]
+        assert provisioned.output.index("TASK [provider_aws : Find where the cluster's S3 buckets are]") \
+            < provisioned.output.index("TASK [provider_aws : Launch the machines")
+
+        # make status names what the cluster's machines can reach.
+        status = run_playbook("playbooks/status.yml", "-e", f"regions={REGION}", env=env, name="aws-iam-status")
+        assert "S3: awsiam (eu-west-1) reads data-a/raw, results-b; writes results-b." in status.output, \
+            status.output[-3000:]
+        provision_log += log.read_text()[start + len(provision_log):]
+
+        # The cluster's own role, as IAM holds it: the machines' profile, exactly the buckets asked for.
+        name = f"dask-awsiam-{REGION}"
+        assert {inst["IamInstanceProfile"]["Arn"] for inst in found.values()} == {
+            f"arn:aws:iam::123456789012:instance-profile/dask-ec2-ansible/{name}"}
+        iam = client("iam")
+        role = iam.get_role(RoleName=name)["Role"]
+        assert role["Path"] == "/dask-ec2-ansible/"
+        assert role["AssumeRolePolicyDocument"]["Statement"] == [
+            {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+        assert iam.list_role_policies(RoleName=name)["PolicyNames"] == ["s3-buckets"]
+        assert iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"] == []
+        assert iam.get_role_policy(RoleName=name, PolicyName="s3-buckets")["PolicyDocument"]["Statement"] == [
+            {"Sid": "List1", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::data-a",
+             "Condition": {"StringLike": {"s3:prefix": ["raw", "raw/*"]}}},
+            {"Sid": "List2", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::results-b"},
+            {"Sid": "Read", "Effect": "Allow", "Action": "s3:GetObject", "Resource": ["arn:aws:s3:::data-a/raw/*"]},
+            {"Sid": "Write", "Effect": "Allow",
+             "Action": ["s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:PutObject"],
+             "Resource": ["arn:aws:s3:::results-b/*"]}]
+        # ... and as S3 enforces it, for a session of that role (what a machine's metadata service hands out).
+        assert role["Arn"] == role_arn
+        s3 = client("s3", aws_access_key_id=keys["AccessKeyId"], aws_secret_access_key=keys["SecretAccessKey"],
+                    aws_session_token=keys["SessionToken"])
+        assert s3.get_object(Bucket="data-a", Key="raw/table.csv")["Body"].read() == b"x,y\n1,2\n"
+        s3.put_object(Bucket="results-b", Key="out/result.csv", Body=b"3")
+        assert s3.get_object(Bucket="results-b", Key="out/result.csv")["Body"].read() == b"3"
+        s3.delete_object(Bucket="results-b", Key="out/result.csv")
+        assert refused(lambda: s3.put_object(Bucket="data-a", Key="raw/overwritten.csv", Body=b"no")) == "AccessDenied"
+        assert refused(lambda: s3.get_object(Bucket="other-c", Key="secret.csv")) == "AccessDenied"
+        assert refused(lambda: s3.delete_bucket(Bucket="data-a")) == "AccessDenied"
+
         # save_work=false: no machine answers on moto (see test_ubuntu_when_asked_is_canonicals_newest).
-        run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=awsiam", "-e", "save_work=false", env=env,
-                     name="aws-iam-teardown")
+        # Teardown is not told of the buckets: it removes the role all the same (a second teardown finding
+        # no role changes nothing: test_teardown_removes_everything_and_can_run_twice).
+        start = len(log.read_text())
+        run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=awsiam", "-e", "save_work=false",
+                     env=env, name="aws-iam-teardown")
         assert leftovers(env, "awsiam") == nothing_left(env, "awsiam")
         assert not (ROOT / ".clusters" / "awsiam").exists()
         # Not one request of the playbooks was refused, not even one a module would have tolerated.
-        during = log.read_text()[start:]
-        assert " 403 " not in during and " 401 " not in during, during
+        for during in (provision_log, log.read_text()[start:]):
+            assert " 403 " not in during and " 401 " not in during, during
         assert refused(lambda: client("iam").create_user(UserName="intruder")) == "AccessDenied"

@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 
 from cluster_checks import (assert_back_with_the_notebook, assert_jupyter_wants_the_token_and_its_kernel_joins,
-                            client_for, log_on_worker, logged_line, printed_connect_lines, run_pasted_lines,
-                            save_notebook, wait_for_workers)
+                            client_for, log_on_worker, logged_line, printed_connect_lines, run_in_kernel,
+                            run_pasted_lines, save_notebook, wait_for_workers)
 from emulator import running_emulator, wait_until
 from conftest import ROOT, docker_available, extra_ca_args, run_playbook
 
@@ -348,8 +348,13 @@ class TestAMachineBootsAsOnEC2:
 # ---- site.yml -e provider=aws on the emulator ------------------------------------------------------------
 
 
+# The cluster's data on the emulator's S3 (its own role reads and writes them, no keys on the machines).
+BUCKETS = {"s3_read_buckets": ["data-a"], "s3_write_buckets": ["results-b/out"]}
+
+
 def site_args(emulator, *extra: str) -> list[str]:
-    return ["-e", f"@{emulator['state'] / 'vars.yml'}", "-e", f"cluster_name={CLUSTER}", *extra_ca_args(), *extra]
+    return ["-e", f"@{emulator['state'] / 'vars.yml'}", "-e", f"cluster_name={CLUSTER}", "-e", json.dumps(BUCKETS),
+            *extra_ca_args(), *extra]
 
 
 def site(emulator, *extra: str, name: str):
@@ -370,14 +375,33 @@ def cluster_instances(emulator, states=LIVE) -> dict[str, dict]:
     return {{t["Key"]: t["Value"] for t in i["Tags"]}["Name"]: i for i in found}
 
 
+def s3(emulator):
+    return boto3.client("s3", region_name=REGION, endpoint_url=emulator["endpoint"],
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+# A table and a raster-like binary (a TIFF header, then bytes) the workers read from data-a.
+TABLE = {"x": list(range(100)), "y": [i % 7 for i in range(100)]}
+RASTER = b"II*\x00" + bytes(range(256)) * 64
+
+
 @pytest.fixture(scope="module")
 def cluster(emulator):
-    # A profile of the user's own (iam_instance_profile), as the machines' identity.
-    profile = instance_profile(emulator, f"{CLUSTER}-machines")
-    first = site(emulator, "-e", "worker_count=2", "-e", f"iam_instance_profile={profile}", name="aws-site-first")
+    import io
+
+    import pandas as pd
+
+    client = s3(emulator)
+    for bucket in ("data-a", "results-b", "other-c"):
+        client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
+    table = io.BytesIO()
+    pd.DataFrame(TABLE).to_parquet(table)
+    client.put_object(Bucket="data-a", Key="tables/table.parquet", Body=table.getvalue())
+    client.put_object(Bucket="data-a", Key="rasters/tile.tif", Body=RASTER)
+    first = site(emulator, "-e", "worker_count=2", name="aws-site-first")
     info = json.loads((STATE / "cluster.json").read_text())
     try:
-        yield {"emulator": emulator, "first": first, "info": info, "profile": profile}
+        yield {"emulator": emulator, "first": first, "info": info, "profile": f"dask-{CLUSTER}-{REGION}"}
     finally:
         if emulator["process"].poll() is None:  # (the last test stops it, after a teardown of its own)
             teardown(emulator, name="aws-site-teardown-after")
@@ -398,36 +422,56 @@ def test_site_configures_every_machine_at_its_private_address(cluster):
         assert running[inst["InstanceId"]] == "running", name
 
 
-def test_iam_instance_profile_gives_every_machine_and_its_services_the_roles_credentials(cluster):
-    """iam_instance_profile end to end: the instances carry it, and a Dask worker's own process (a hardened
-    systemd unit) finds the metadata service from its environment and gets the role's credentials."""
-    found = cluster_instances(cluster["emulator"])
+def test_the_workers_and_the_kernel_use_the_buckets_with_the_clusters_own_role_and_no_keys(cluster):
+    """s3_read_buckets / s3_write_buckets end to end: every instance carries the cluster's own profile, and on
+    every worker a Dask task (a hardened systemd unit, no key anywhere in its environment) reads a Parquet table
+    and a raster-like binary from data-a with s3fs, from its role's credentials, and writes its result to
+    results-b; a kernel of Jupyter reads data-a too. (What the role refuses is proven where IAM is enforced:
+    test_aws.py, test_iam_policy_suffices_under_moto_iam_enforcement.)"""
+    emulator = cluster["emulator"]
+    found = cluster_instances(emulator)
     assert {inst["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1] for inst in found.values()} == {cluster["profile"]}
 
-    def role_from_metadata():
+    def read_and_write(dask_worker):
         import os
-        import urllib.request
 
-        base = os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
-        token = urllib.request.urlopen(urllib.request.Request(
-            base + "latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})).read()
-        url = base + "latest/meta-data/iam/security-credentials/"
-        role = urllib.request.urlopen(urllib.request.Request(url, headers={"X-aws-ec2-metadata-token": token})).read()
-        document = urllib.request.urlopen(urllib.request.Request(
-            url + role.decode(), headers={"X-aws-ec2-metadata-token": token})).read()
-        import json
+        import botocore.session
+        import pandas as pd
+        import s3fs
 
-        return role.decode(), sorted(json.loads(document))
+        keys = sorted(k for k in os.environ if k.startswith("AWS_") and ("KEY" in k or "TOKEN" in k))
+        method = botocore.session.get_session().get_credentials().method
+        table = pd.read_parquet("s3://data-a/tables/table.parquet")
+        raster = s3fs.S3FileSystem().cat("data-a/rasters/tile.tif")
+        name = dask_worker.name
+        pd.DataFrame({"worker": [name], "x": [int(table.x.sum())], "raster": [len(raster)]}).to_parquet(
+            f"s3://results-b/out/{name}.parquet")
+        return keys, method, int(table.x.sum()), raster[:4], len(raster)
 
     client = client_for(cluster["info"])
     try:
-        answers = client.run(role_from_metadata)
+        answers = client.run(read_and_write)
     finally:
         client.close()
     assert len(answers) == 2
-    for role, fields in answers.values():
-        assert role == cluster["profile"]
-        assert {"AccessKeyId", "SecretAccessKey", "Token", "Expiration"} <= set(fields)
+    for keys, method, total, header, size in answers.values():
+        assert keys == [], f"no keys in the worker's environment: {keys}"
+        assert method == "iam-role", "credentials from the instance's role, through the metadata service"
+        assert (total, header, size) == (sum(TABLE["x"]), RASTER[:4], len(RASTER))
+    written = s3(emulator).list_objects_v2(Bucket="results-b", Prefix="out/dask-")["Contents"]
+    assert sorted(o["Key"] for o in written) == [f"out/dask-{CLUSTER}-worker-{i}.parquet" for i in (1, 2)]
+
+    # A notebook's way: the kernel plans, the workers read and write (dd.read_parquet, to_parquet on s3://).
+    out = run_in_kernel(cluster["info"], "\n".join([
+        "import dask.dataframe as dd, distributed",
+        "client = distributed.Client(timeout=30)",
+        "df = dd.read_parquet('s3://data-a/tables/')",
+        "print('SUM', int(df.x.sum().compute()))",
+        "df.groupby('y').x.sum().to_frame().to_parquet('s3://results-b/out/by-y/')",
+    ]))
+    assert out.strip() == f"SUM {sum(TABLE['x'])}", out
+    by_y = s3(emulator).list_objects_v2(Bucket="results-b", Prefix="out/by-y/")["Contents"]
+    assert by_y and all(o["Key"].endswith(".parquet") for o in by_y), by_y
 
 
 def test_cluster_json_names_the_private_addresses_and_the_endpoint(cluster):
@@ -618,6 +662,12 @@ def test_teardown_of_a_stopped_scheduler_saves_its_notebooks_then_leaves_nothing
     assert [t for t in client.describe_launch_templates()["LaunchTemplates"]
             if t["LaunchTemplateName"].startswith(f"dask-{CLUSTER}-")] == []
     assert client.describe_volumes(Filters=by_cluster)["Volumes"] == []
+    # The cluster's own role and profile (s3_*_buckets) too; the buckets and their data are the user's: kept.
+    # (moto lists every profile whatever the PathPrefix: the path is checked here)
+    assert [r for r in iam(emulator).list_roles()["Roles"] if r["Path"] == "/dask-ec2-ansible/"] == []
+    assert [p for p in iam(emulator).list_instance_profiles()["InstanceProfiles"]
+            if p["Path"] == "/dask-ec2-ansible/"] == []
+    assert len(s3(emulator).list_objects_v2(Bucket="results-b", Prefix="out/dask-")["Contents"]) == 2
     # (the emulator removes a terminated instance's machine within a second or two)
     wait_until(lambda: machines() == {}, 60, "no machine of any instance left")
     assert not STATE.exists()

@@ -326,7 +326,10 @@ OWN_MODULE_ACTIONS = {
     "dask_ec2_launch": {"ec2:DescribeInstances", "ec2:DescribeSubnets", "ec2:RunInstances", "ec2:TerminateInstances",
                         "ec2:StartInstances", "ec2:CreateTags", "ec2:DeleteTags"},
     "dask_ec2_status": {"ec2:DescribeInstances", "ec2:DescribeSecurityGroups", "ec2:DescribeKeyPairs",
-                        "ec2:DescribeVolumes", "ec2:DescribeLaunchTemplates", "pricing:GetProducts"},
+                        "ec2:DescribeVolumes", "ec2:DescribeLaunchTemplates", "pricing:GetProducts",
+                        "iam:GetRolePolicy"},
+    # HeadBucket (S3 names the region even when it refuses it) and GetBucketLocation when it did not.
+    "dask_ec2_bucket_regions": {"s3:GetBucketLocation"},
     # Runs on the cluster's machines and writes a local file there: no AWS call.
     "dask_ec2_stamp": set(),
 }

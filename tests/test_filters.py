@@ -107,3 +107,36 @@ def test_local_path_is_absolute_without_trailing_slash_or_symlink_resolution(tmp
     assert cluster.local_path("link/") == str(tmp_path / "link")
     assert cluster.local_path("./real/../real") == str(tmp_path / "real")
     assert cluster.local_path("~") == os.path.expanduser("~")
+
+
+@pytest.mark.parametrize(("entry", "bucket", "prefix", "error"), [
+    ("my-lab-data", "my-lab-data", "", ""),
+    ("s3://my-lab-data/rasters/2026/", "my-lab-data", "rasters/2026", ""),
+    ("sentinel-cogs/sentinel-s2-l2a-cogs", "sentinel-cogs", "sentinel-s2-l2a-cogs", ""),
+    ("My_Bucket", "My_Bucket", "", "does not start with a bucket name"),
+    ("ab", "ab", "", "does not start with a bucket name"),
+    ("a..b", "a..b", "", "does not start with a bucket name"),
+    ("data/tiles/*.tif", "data", "tiles/*.tif", "has a wildcard"),
+])
+def test_s3_locations_split_and_check_each_entry(entry, bucket, prefix, error):
+    (found,) = cluster.s3_locations([entry])
+    assert (found["bucket"], found["prefix"]) == (bucket, prefix)
+    assert error in found["error"] if error else found["error"] == ""
+
+
+def test_s3_access_policy_allows_exactly_the_buckets_asked_for():
+    policy = cluster.s3_access_policy(["data-a/raw", "data-a/more", "public-b"], ["results-c"])
+    assert policy["Statement"] == [
+        {"Sid": "List1", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::data-a",
+         "Condition": {"StringLike": {"s3:prefix": ["more", "more/*", "raw", "raw/*"]}}},
+        {"Sid": "List2", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::public-b"},
+        {"Sid": "List3", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": "arn:aws:s3:::results-c"},
+        {"Sid": "Read", "Effect": "Allow", "Action": "s3:GetObject",
+         "Resource": ["arn:aws:s3:::data-a/more/*", "arn:aws:s3:::data-a/raw/*", "arn:aws:s3:::public-b/*"]},
+        {"Sid": "Write", "Effect": "Allow",
+         "Action": ["s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:PutObject"],
+         "Resource": ["arn:aws:s3:::results-c/*"]},
+    ]
+    # A whole bucket wanted beside a prefix of it: listing is not limited.
+    assert "Condition" not in cluster.s3_access_policy(["data-a/raw"], ["data-a"])["Statement"][0]
+    assert [s["Sid"] for s in cluster.s3_access_policy([], ["results-c"])["Statement"]] == ["List1", "Write"]

@@ -26,6 +26,14 @@ description:
     slashes dropped, the last symlink not followed).
   - C(notebook_relpath) gives a path on a machine relative to a directory
     (the notebook directory), normalized; empty when the path is outside it.
+  - C(s3_locations) gives, of a list of C(bucket) or C(bucket/prefix) entries
+    (an C(s3://) in front is dropped), their C(bucket) and C(prefix) (no
+    slashes at its ends; empty for the whole bucket), and C(error) when an
+    entry is no bucket name or holds a wildcard.
+  - C(s3_access_policy) gives the IAM policy document of s3_read_buckets and
+    s3_write_buckets - list each bucket (within its prefixes), get objects of
+    the read ones, get, put and delete objects of the write ones - and nothing
+    else.
 """
 
 EXAMPLES = r"""
@@ -95,6 +103,55 @@ def notebook_relpath(path, root):
     return "" if relative == ".." or relative.startswith("../") else relative
 
 
+# S3's rules for a bucket name (3-63 characters; lower case, digits, dots and hyphens).
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def s3_locations(entries):
+    """[{'entry', 'bucket', 'prefix', 'error'}] of bucket or bucket/prefix entries."""
+    out = []
+    for entry in entries or []:
+        text = re.sub(r"^s3://", "", str(entry).strip())
+        bucket, _, prefix = text.partition("/")
+        prefix = prefix.strip("/")
+        error = ""
+        if not BUCKET_NAME.match(bucket) or ".." in bucket:
+            error = f"'{entry}' does not start with a bucket name (3-63 of a-z, 0-9, '.' and '-')"
+        elif re.search(r"[*?]", prefix):
+            error = f"'{entry}' has a wildcard: give a bucket or bucket/prefix, every object under it is included"
+        out.append({"entry": str(entry), "bucket": bucket, "prefix": prefix, "error": error})
+    return out
+
+
+def _objects(location):
+    return f"arn:aws:s3:::{location['bucket']}/{location['prefix'] + '/' if location['prefix'] else ''}*"
+
+
+def s3_access_policy(read, write):
+    """The policy of a cluster's own role: exactly the buckets (and prefixes) asked for."""
+    read, write = s3_locations(read), s3_locations(write)
+    prefixes = {}
+    for location in read + write:
+        prefixes.setdefault(location["bucket"], set()).add(location["prefix"])
+    statements = []
+    for number, (bucket, wanted) in enumerate(sorted(prefixes.items()), 1):
+        statement = {"Sid": f"List{number}", "Effect": "Allow", "Action": "s3:ListBucket",
+                     "Resource": f"arn:aws:s3:::{bucket}"}
+        if "" not in wanted:
+            # The prefix itself (a "directory" listing) and everything below it.
+            statement["Condition"] = {"StringLike": {"s3:prefix": sorted(
+                p for prefix in wanted for p in (prefix, prefix + "/*"))}}
+        statements.append(statement)
+    if read:
+        statements.append({"Sid": "Read", "Effect": "Allow", "Action": "s3:GetObject",
+                           "Resource": sorted({_objects(location) for location in read})})
+    if write:
+        statements.append({"Sid": "Write", "Effect": "Allow",
+                           "Action": ["s3:AbortMultipartUpload", "s3:DeleteObject", "s3:GetObject", "s3:PutObject"],
+                           "Resource": sorted({_objects(location) for location in write})})
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -104,5 +161,7 @@ class FilterModule:
             "git_project_name": git_project_name,
             "local_path": local_path,
             "notebook_relpath": notebook_relpath,
+            "s3_access_policy": s3_access_policy,
+            "s3_locations": s3_locations,
             "uv_environment": uv_environment,
         }

@@ -226,6 +226,9 @@ FALLBACK_TAG = "dask-ec2-ansible:spot-fallback"
 LIVE = ["pending", "running", "stopping", "stopped"]
 
 
+# How long a new instance profile may take to be usable by RunInstances (seconds).
+PROFILE_WAIT = 60
+
 def _camel_volume(volume):
     ebs = volume.get("ebs") or {}
     names = {"volume_type": "VolumeType", "volume_size": "VolumeSize", "encrypted": "Encrypted",
@@ -354,7 +357,9 @@ class Launcher:
                 last = self.skipped.get((lifecycle, subnet_id, machine["instance_type"])) or self.skipped.get(lifecycle) or last
                 continue
             params = self.request(machine, lifecycle, subnet_id)
-            for _attempt in range(2):
+            attempts, profile_waited = 0, 0
+            while attempts < 2:
+                attempts += 1
                 try:
                     reservation = self.backoff(lambda: self.write.run_instances(**params))
                     inst = reservation["Instances"][0]
@@ -362,6 +367,14 @@ class Launcher:
                     return inst
                 except botocore.exceptions.ClientError as error:
                     code, message = error_code(error), error.response.get("Error", {}).get("Message", "")
+                    if (code == "InvalidParameterValue" and "instance profile" in message.lower()
+                            and profile_waited < PROFILE_WAIT and self.p["iam_instance_profile"]):
+                        # A profile made moments ago (s3_*_buckets) reaches EC2 seconds later (IAM is
+                        # eventually consistent): the same request again, a while.
+                        time.sleep(5)
+                        profile_waited += 5
+                        attempts -= 1
+                        continue
                     self.refused.append({"name": machine["name"], "lifecycle": lifecycle, "subnet_id": subnet_id,
                                          "availability_zone": self.zone_of(subnet_id), "code": code, "message": message})
                     if code not in CAPACITY | QUOTA:

@@ -20,6 +20,8 @@ description:
     launch template of a cluster without live instances, or any unattached volume.
   - Prices each cluster per hour (running machines and their volumes) and since its machines
     started, through the Price List API or the shipped price table (see dask_ec2_cost).
+  - Names the S3 buckets each cluster's own role (s3_read_buckets, s3_write_buckets) lets its
+    machines read and write, from the role's policy in IAM (C(iam:GetRolePolicy)).
   - Read-only; never changes anything, also not in check mode.
 options:
   regions:
@@ -60,7 +62,10 @@ EXAMPLES = r"""
 
 RETURN = r"""
 clusters:
-  description: One entry per cluster and region, sorted by region and name.
+  description:
+    - One entry per cluster and region, sorted by region and name.
+    - C(s3_buckets) holds the C(read) and C(write) locations of its own role (empty lists without
+      one), null when IAM did not answer.
   type: list
   elements: dict
   returned: always
@@ -98,6 +103,13 @@ table:
 
 import concurrent.futures
 import datetime
+import json
+import urllib.parse
+
+try:
+    import botocore
+except ImportError:
+    pass  # AnsibleAWSModule says that boto3 is missing
 
 from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_pricing import (
     HOURS_PER_MONTH, PRICE_LIST_REGION, SPOT_NOTE, PriceBook, pricing_config,
@@ -280,6 +292,27 @@ def _table(rows, header):
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
 
 
+def _buckets(iam, cluster, region):
+    """What the cluster's own role (s3_read_buckets / s3_write_buckets) lets its machines reach:
+    {'read': [...], 'write': [...]}, empty lists without one, None when IAM would not say."""
+    try:
+        document = iam.get_role_policy(RoleName=f"dask-{cluster}-{region}", PolicyName="s3-buckets")["PolicyDocument"]
+    except botocore.exceptions.ClientError as error:
+        return {"read": [], "write": []} if error.response.get("Error", {}).get("Code") == "NoSuchEntity" else None
+    except botocore.exceptions.BotoCoreError:
+        return None
+    if isinstance(document, str):  # URL-encoded JSON, as IAM's API returns it to some clients
+        document = json.loads(urllib.parse.unquote(document))
+    reach = {"read": [], "write": []}
+    for statement in document.get("Statement", []):
+        kind = {"Read": "read", "Write": "write"}.get(statement.get("Sid"))
+        resources = statement.get("Resource", [])
+        for resource in [resources] if isinstance(resources, str) else resources:
+            if kind:
+                reach[kind].append(resource.removeprefix("arn:aws:s3:::").removesuffix("*").rstrip("/"))
+    return reach
+
+
 def _report(clusters, leftovers, errors, regions, book, me):
     lines = [f"Looked in {len(regions)} region(s): {', '.join(regions)}."]
     if clusters:
@@ -302,6 +335,13 @@ def _report(clusters, leftovers, errors, regions, book, me):
                              f" about ${_money(c['monthly_storage_usd'], 2)} per month and no machine hours. site.yml"
                              f" -e cluster_name={c['name']} starts it again; teardown.yml saves its notebooks, then"
                              " removes it.")
+        for c in clusters:
+            reach = c.get("s3_buckets")
+            if reach is None:
+                lines.append(f"S3: {c['name']} ({c['region']}): unknown (IAM did not answer iam:GetRolePolicy).")
+            elif reach["read"] or reach["write"]:
+                lines.append(f"S3: {c['name']} ({c['region']}) reads {', '.join(reach['read'] + reach['write'])}"
+                             + (f"; writes {', '.join(reach['write'])}" if reach["write"] else "") + ".")
         known = [c["hourly_usd"] for c in clusters if c["hourly_usd"] is not None]
         lines.append(f"Together: about ${sum(known):.4f} per hour"
                      + (" (not counting clusters without a known price)" if len(known) < len(clusters) else "") + ".")
@@ -364,6 +404,10 @@ def main():
         mine += _mine(region, found[region], me)
         region_clusters = _clusters(region, found[region], book, me, now)
         clusters += region_clusters
+    # The buckets each cluster's own role reaches (IAM is global: one client).
+    iam = module.client("iam", config=READ_RETRIES) if clusters else None
+    for c in clusters:
+        c["s3_buckets"] = _buckets(iam, c["name"], c["region"])
         leftovers += _leftovers(region, found[region], {c["name"] for c in region_clusters}, book, me, now)
     module.exit_json(
         changed=False, owner=me, generated=now.isoformat(), clusters=clusters, leftovers=leftovers, mine=mine, errors=errors, regions=regions,
