@@ -363,9 +363,9 @@ def test_settings_have_one_list_of_names_types_and_defaults():
 def settings_rows(text: str) -> dict[str, str]:
     """The rows of a page's settings tables, by the setting(s) named in their first cell."""
     rows = {}
-    for line in re.findall(r"^\| `[a-z_]+`(?:, `[a-z_]+`)* \|.*$", text, re.MULTILINE):
+    for line in re.findall(r"^\| `[a-z0-9_]+`(?:, `[a-z0-9_]+`)* \|.*$", text, re.MULTILINE):
         first = line.split(" | ", 1)[0]
-        rows.update({name: line for name in re.findall(r"`([a-z_]+)`", first)})
+        rows.update({name: line for name in re.findall(r"`([a-z0-9_]+)`", first)})
     return rows
 
 

@@ -112,7 +112,7 @@ def s3_locations(entries):
     out = []
     for entry in entries or []:
         text = re.sub(r"^s3://", "", str(entry).strip())
-        bucket, _, prefix = text.partition("/")
+        bucket, prefix = (text.split("/", 1) + [""])[:2]
         prefix = prefix.strip("/")
         error = ""
         if not BUCKET_NAME.match(bucket) or ".." in bucket:

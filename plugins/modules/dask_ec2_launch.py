@@ -229,6 +229,7 @@ LIVE = ["pending", "running", "stopping", "stopped"]
 # How long a new instance profile may take to be usable by RunInstances (seconds).
 PROFILE_WAIT = 60
 
+
 def _camel_volume(volume):
     ebs = volume.get("ebs") or {}
     names = {"volume_type": "VolumeType", "volume_size": "VolumeSize", "encrypted": "Encrypted",
