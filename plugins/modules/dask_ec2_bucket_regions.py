@@ -81,6 +81,7 @@ except ImportError:
     pass  # AnsibleAWSModule says that boto3 is missing
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import error_code
 
 
 def _region_header(response):
@@ -94,7 +95,7 @@ def bucket_region(client, bucket):
         location = client.get_bucket_location(Bucket=bucket).get("LocationConstraint") or "us-east-1"
         return ("eu-west-1" if location == "EU" else location), ""
     except botocore.exceptions.ClientError as error:
-        if error.response.get("Error", {}).get("Code") == "NoSuchBucket":
+        if error_code(error) == "NoSuchBucket":
             return None, "no such bucket"
         refusal = f"{error_code(error)}: {error.response.get('Error', {}).get('Message', '')}"
     except botocore.exceptions.BotoCoreError as error:
@@ -110,10 +111,6 @@ def bucket_region(client, bucket):
     except botocore.exceptions.BotoCoreError as error:
         return None, str(error)
     return (region, "") if region else (None, refusal)
-
-
-def error_code(error):
-    return error.response.get("Error", {}).get("Code", "")
 
 
 def main():

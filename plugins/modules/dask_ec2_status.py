@@ -114,7 +114,7 @@ except ImportError:
 from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_pricing import (
     HOURS_PER_MONTH, PRICE_LIST_REGION, SPOT_NOTE, PriceBook, pricing_config,
 )
-from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import READ_RETRIES
+from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import READ_RETRIES, error_code
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 
 PREFIX = "dask-ec2-ansible:"
@@ -298,7 +298,7 @@ def _buckets(iam, cluster, region):
     try:
         document = iam.get_role_policy(RoleName=f"dask-{cluster}-{region}", PolicyName="s3-buckets")["PolicyDocument"]
     except botocore.exceptions.ClientError as error:
-        return {"read": [], "write": []} if error.response.get("Error", {}).get("Code") == "NoSuchEntity" else None
+        return {"read": [], "write": []} if error_code(error) == "NoSuchEntity" else None
     except botocore.exceptions.BotoCoreError:
         return None
     if isinstance(document, str):  # URL-encoded JSON, as IAM's API returns it to some clients
