@@ -56,6 +56,8 @@ PROJECT = "citest-analysis"
 PROJECT_URL = f"git://{controller_address()}:{free_port()}/{PROJECT}.git"
 # A setting for the whole cluster, with what systemd would read as a specifier (%), a quote and a backslash.
 ENVIRONMENT = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "LAB_NOTE": 'half of 100% is "50%" \\ not more'}
+# As every worker, the scheduler, the kernels and run.yml see it (requester_pays is on).
+SEEN_ENVIRONMENT = dict(ENVIRONMENT, AWS_REQUEST_PAYER="requester", FSSPEC_S3_REQUESTER_PAYS="true")
 # The geospatial notebook's packages, the way docs/working.md says to
 # install them (a vars file of the repository: the path is from ROOT).
 SITE_ARGS = ["-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", "-e", f"worker_count={WORKERS}",
@@ -562,6 +564,7 @@ def test_sync_refuses_bad_input_before_changing_anything(cluster, tmp_path):
 
 RUN_SCRIPT = """\
 import getpass, json, os, sys
+NAMES = %r
 from distributed import Client
 
 client = Client(timeout=30)  # no address: the kernels' Dask configuration
@@ -570,9 +573,10 @@ total = client.submit(sum, range(n + 1)).result()
 workers = len(client.scheduler_info(n_workers=-1)["workers"])
 print(f"RESULT {total} WORKERS {workers} USER {getpass.getuser()} CWD {os.getcwd()}")
 with open("result.json", "w") as out:
-    json.dump({"total": total, "workers": workers, "args": sys.argv[1:]}, out)
+    json.dump({"total": total, "workers": workers, "args": sys.argv[1:],
+               "environment": {name: os.environ.get(name) for name in NAMES}}, out)
 print("a line on stderr", file=sys.stderr)
-"""
+""" % sorted(SEEN_ENVIRONMENT)
 
 
 def runs_dir() -> Path:
@@ -607,8 +611,10 @@ def test_run_script_computes_on_the_cluster_and_brings_back_its_output(cluster, 
         line = re.search(r"RESULT .*?(?=\"|$)", run.output, re.MULTILINE).group(0)
         assert line == f"RESULT 5050 WORKERS {WORKERS} USER dask CWD {NOTEBOOKS}/runs/{saved.name}"
         assert "a line on stderr" in run.output
+        # cluster_environment and requester_pays reach run.yml's script as they reach the kernels.
         assert json.loads((saved / "result.json").read_text()) == {"total": 5050, "workers": WORKERS,
-                                                                  "args": ["100", "two words"]}
+                                                                  "args": ["100", "two words"],
+                                                                  "environment": SEEN_ENVIRONMENT}
         assert (saved / "compute.py").read_text() == RUN_SCRIPT
         assert line in (saved / "run-output.log").read_text()
     finally:
@@ -783,7 +789,7 @@ def test_ssh_config_reaches_every_machine_by_name_and_includes_only_when_asked(c
 
 def test_cluster_environment_reaches_every_worker_the_scheduler_and_the_kernel(cluster):
     """cluster_environment and requester_pays, as the workers' tasks, the scheduler and a notebook see them."""
-    wanted = dict(ENVIRONMENT, AWS_REQUEST_PAYER="requester", FSSPEC_S3_REQUESTER_PAYS="true")
+    wanted = SEEN_ENVIRONMENT
 
     def environment(names=tuple(wanted)):
         import os as os_

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, VENV_BIN, docker_available, docker_objects, run_playbook
+from conftest import ROOT, VENV_BIN, docker_available, docker_objects, extra_ca_args, run_playbook
 
 ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir())
 
@@ -441,6 +441,20 @@ def test_every_list_or_mapping_setting_of_another_shape_is_refused_by_name():
     for name in mappings:
         assert name in run.output, (name, run.output[-3000:])
 
+
+
+def test_packages_that_cannot_be_locked_are_refused_and_leave_no_state():
+    """The lock is made before any machine; when it is refused, the state directory this run made
+    (its .in file, and no SSH key yet) goes too: .clusters/ holds nothing of a cluster that never was."""
+    run = run_playbook("site.yml", "-e", "provider=docker", "-e", "cluster_name=badinput",
+                       "-e", '{"extra_python_packages": ["dask-ec2-ansible-no-such-package-7f3a"]}',
+                       *extra_ca_args(), check=False)
+    assert "cannot be installed together, so no machine was changed" in run.output, run.output[-3000:]
+    assert "dask-ec2-ansible-no-such-package-7f3a" in run.output
+    assert run.returncode != 0
+    if docker_available():
+        assert docker_objects("container", "badinput") == [] and docker_objects("network", "badinput") == []
+    assert not (ROOT / ".clusters" / "badinput").exists()
 
 BAD_ENVIRONMENTS = [
     ({"PATH": "/tmp"}, "may not set PATH"),
