@@ -212,7 +212,12 @@ def test_the_machines_carry_the_users_own_instance_profile(cluster):
 
 def test_every_resource_is_tagged(cluster):
     env, client = cluster["env"], ec2(cluster["env"])
-    expected = {CLUSTER_TAG: CLUSTER, "dask-ec2-ansible:created-by": "dask-ec2-ansible", "project": "ci"}
+    caller = boto3.client("sts", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).get_caller_identity()
+    # owner-id is what IAM's aws:userid names the caller: the shipped policy lets only them change it.
+    expected = {CLUSTER_TAG: CLUSTER, "dask-ec2-ansible:created-by": "dask-ec2-ansible", "project": "ci",
+                "dask-ec2-ansible:owner": caller["Arn"], "dask-ec2-ansible:owner-id": caller["UserId"]}
     resources = {f"instance {n}": i for n, i in cluster["instances"].items()}
     for volume in client.describe_volumes(Filters=[{"Name": "attachment.instance-id", "Values": [
             i["InstanceId"] for i in cluster["instances"].values()]}])["Volumes"]:
@@ -472,6 +477,7 @@ MODULE_ACTIONS = {
     "ec2_vol_info": {"ec2:DescribeVolumes"},
     # s3_*_buckets: the cluster's own role, its instance profile and inline policy; teardown removes them
     "iam_role": {"iam:GetRole", "iam:CreateRole", "iam:DeleteRole", "iam:TagRole", "iam:UntagRole",
+                 "iam:PutRolePermissionsBoundary",
                  "iam:UpdateRole", "iam:UpdateAssumeRolePolicy", "iam:ListRolePolicies", "iam:DeleteRolePolicy",
                  "iam:ListAttachedRolePolicies", "iam:ListInstanceProfilesForRole", "iam:GetInstanceProfile",
                  "iam:CreateInstanceProfile", "iam:DeleteInstanceProfile", "iam:TagInstanceProfile",
@@ -550,10 +556,16 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
     a role's session, by the role's)."""
     shipped = json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text())
     users = {"dask-shipped": shipped, "dask-moto-view": as_moto_evaluates(shipped)}
-    # 4 requests per user; 3 buckets, 2 objects and a session of the cluster's role.
-    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT=str(4 * len(users) + 6)) as endpoint:
+    # 4 requests per user; the boundary; 3 buckets, 2 objects and a session of the cluster's role.
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT=str(4 * len(users) + 7)) as endpoint:
         root = boto3.client("iam", region_name=REGION, endpoint_url=endpoint,
                             aws_access_key_id="testing", aws_secret_access_key="testing")
+        # What the account's administrator makes beside the user's policy (docs/aws.md): the boundary of every
+        # role the toolkit makes.
+        boundary = root.create_policy(
+            PolicyName="dask-ec2-ansible-machines-boundary", Path="/dask-ec2-ansible/",
+            PolicyDocument=(ROOT / "iam" / "dask-ec2-ansible-machines-boundary.json").read_text())["Policy"]["Arn"]
+        assert boundary == "arn:aws:iam::123456789012:policy/dask-ec2-ansible/dask-ec2-ansible-machines-boundary"
         envs = {}
         for user, document in users.items():  # 4 requests each
             root.create_user(UserName=user)
@@ -619,6 +631,10 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
         iam = client("iam")
         role = iam.get_role(RoleName=name)["Role"]
         assert role["Path"] == "/dask-ec2-ansible/"
+        # Whatever policy the role is given, it can do no more than the boundary (the shipped policy makes
+        # and changes only roles with it).
+        assert role["PermissionsBoundary"] == {"PermissionsBoundaryType": "PermissionsBoundaryPolicy",
+                                               "PermissionsBoundaryArn": boundary}
         assert role["AssumeRolePolicyDocument"]["Statement"] == [
             {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
         assert iam.list_role_policies(RoleName=name)["PolicyNames"] == ["s3-buckets"]
