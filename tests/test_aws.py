@@ -287,6 +287,49 @@ def test_second_run_changes_nothing(cluster):
         {n: i["InstanceId"] for n, i in cluster["instances"].items()}
 
 
+def test_a_colleagues_cluster_of_the_same_name_is_refused_and_left_alone(cluster):
+    """One account, two IAM users, one cluster name: the second user's site.yml and teardown stop before
+    anything is changed (teardown before starting or saving anything), saying whose the cluster is; their
+    teardown all_mine does not count it as theirs."""
+    env = cluster["env"]
+    iam = boto3.client("iam", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    iam.create_user(UserName="colleague")
+    key = iam.create_access_key(UserName="colleague")["AccessKey"]
+    colleague = aws_env(env["AWS_ENDPOINT_URL"], key["AccessKeyId"], key["SecretAccessKey"])
+    owner = boto3.client("sts", region_name=REGION, endpoint_url=env["AWS_ENDPOINT_URL"],
+                         aws_access_key_id="testing", aws_secret_access_key="testing").get_caller_identity()["Arn"]
+
+    def state():
+        client = ec2(env)
+        return {"instances": {n: (i["InstanceId"], i["State"]["Name"], tags(i)) for n, i in instances(env).items()},
+                "group": group_rules(env), "group_tags": tags(group_rules(env)[0]),
+                "key": client.describe_key_pairs(KeyNames=[f"dask-{CLUSTER}"])["KeyPairs"][0],
+                "templates": leftovers(env, CLUSTER)["launch_templates"]}
+
+    before = state()
+    assert {tags["dask-ec2-ansible:owner"] for _, _, tags in before["instances"].values()} == {owner}
+    refusal = (f"Cluster '{CLUSTER}' in {REGION} belongs to {owner} (instance dask-{CLUSTER}-scheduler, ")
+    remedy = f"not to you (arn:aws:iam::123456789012:user/colleague). Nothing was changed. Pick a name of your own, " \
+             f"e.g. -e cluster_name={CLUSTER}-colleague"
+    site = run_playbook("site.yml", *BASE_ARGS, "-e", f"cluster_name={CLUSTER}", "-e", "worker_count=3",
+                        env=colleague, check=False, name="aws-colleague-site")
+    teardown = run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={CLUSTER}", env=colleague,
+                            check=False, name="aws-colleague-teardown")
+    for run in (site, teardown):
+        assert run.returncode != 0
+        assert refusal in run.output, run.output[-3000:]
+        assert remedy in " ".join(run.output.split()), run.output[-3000:]
+    assert "PLAY [Provision the cluster's machines]" not in site.output
+    assert "PLAY [Find the scheduler whose work is saved first]" not in teardown.output
+    mine = run_playbook("teardown.yml", "-e", "provider=aws", "-e", "cluster_name=all_mine", "-e", "confirm=yes",
+                        "-e", f"regions={REGION}", env=colleague, name="aws-colleague-all-mine")
+    assert "Nothing of arn:aws:iam::123456789012:user/colleague to remove." in mine.output, mine.output[-3000:]
+    assert state() == before
+    # The owner runs on as before.
+    assert provision(env, "-e", "worker_count=2", name="aws-provision-owner-after-colleague").changed == 0
+
+
 def test_tunnel_only_opens_nothing_but_ssh_to_allowed_cidrs(cluster):
     """The recipe of docs/working.md: everything else through make tunnel; the machines still reach each other."""
     run = provision(cluster["env"], "-e", "worker_count=2", "-e", "tunnel_only=true", name="aws-provision-tunnel-only")

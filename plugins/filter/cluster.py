@@ -34,6 +34,11 @@ description:
     s3_write_buckets - list each bucket (within its prefixes), get objects of
     the read ones, get, put and delete objects of the write ones - and nothing
     else.
+  - C(other_owners) gives, of the resources named after a cluster (a mapping of
+    C(instance), C(security group), C(key pair) and C(role) to the lists the
+    amazon.aws info modules return), those whose C(dask-ec2-ansible:owner) tag
+    is set and is not the given ARN, each as C(what) (kind and name) and
+    C(owner).
 """
 
 EXAMPLES = r"""
@@ -152,6 +157,22 @@ def s3_access_policy(read, write):
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+# How each kind of resource is named in the amazon.aws info modules' answers.
+_NAME_KEYS = {"instance": "instance_id", "security group": "group_name", "key pair": "key_name", "role": "role_name"}
+
+
+def other_owners(found, me):
+    others = []
+    for kind, resources in found.items():
+        for resource in resources or []:
+            tags = resource.get("tags") or {}
+            owner = tags.get("dask-ec2-ansible:owner", "")
+            if owner and owner != me:
+                name = tags.get("Name") if kind == "instance" else None
+                others.append({"what": f"{kind} {name or resource.get(_NAME_KEYS[kind], '?')}", "owner": owner})
+    return others
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -161,6 +182,7 @@ class FilterModule:
             "git_project_name": git_project_name,
             "local_path": local_path,
             "notebook_relpath": notebook_relpath,
+            "other_owners": other_owners,
             "s3_access_policy": s3_access_policy,
             "s3_locations": s3_locations,
             "uv_environment": uv_environment,
