@@ -1111,6 +1111,13 @@ def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(
     assert (STATE / "ssh_config").is_file()
     notebook = save_notebook(info, "my-analysis.ipynb", "import dask\nprint('an evening of work')")
     save_file(info, "results/2026/ndvi.csv", b"month,ndvi\n1,0.42\n")
+    # What code on the cluster could leave in the project's clone, to act on this machine at the next
+    # `git status` there: a command as core.fsmonitor, and a link to a file of this machine.
+    ran_here = Path(f"/tmp/dask-ec2-ansible-fsmonitor-{uuid.uuid4().hex}")
+    planted = docker_exec(SCHEDULER, "runuser", "-u", "dask", "--", "sh", "-c",
+                          f"cd {NOTEBOOKS}/{PROJECT} && git config core.fsmonitor 'touch {ran_here}; false'"
+                          " && ln -s /etc/hostname escape")
+    assert planted.returncode == 0, planted.stderr
     # Without save_dir: saved/<cluster>/<UTC time>/ at the repository root.
     run = run_playbook("teardown.yml", "-e", "provider=docker", "-e", f"cluster_name={CLUSTER}", name="teardown-1",
                        save_dir=None)
@@ -1126,6 +1133,13 @@ def test_teardown_saves_the_notebooks_then_removes_everything_and_can_run_twice(
         # The project's clone is work; its environment is not.
         assert (dest / PROJECT / "analysis.py").read_text() == "import six\n"
         assert not list(dest.rglob(".venv")) and not list(dest.rglob(".ipynb_checkpoints"))
+        # ... and it came back inert: git runs nothing of the cluster's, the link is gone, both are noted.
+        status = subprocess.run(["git", "status", "--short"], cwd=dest / PROJECT, capture_output=True, text=True)
+        assert status.returncode == 0, status.stderr
+        assert not ran_here.exists(), "git status in the saved project ran a command written on the cluster"
+        assert "fsmonitor" in (dest / PROJECT / ".git" / "config.from-cluster").read_text()
+        assert not (dest / PROJECT / "escape").is_symlink()
+        assert f"removed the link {PROJECT}/escape -> /etc/hostname" in (dest / ".dask-ec2-ansible-inert.txt").read_text()
         # Every machine's journals, with the line the worker logged (worker-2 went with the scale-down).
         assert f"Saved the journals of {SCHEDULER}, {WORKER_1} into {dest}/logs." in run.output, run.output[-3000:]
         logs = dest / "logs"

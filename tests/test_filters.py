@@ -140,3 +140,17 @@ def test_s3_access_policy_allows_exactly_the_buckets_asked_for():
     # A whole bucket wanted beside a prefix of it: listing is not limited.
     assert "Condition" not in cluster.s3_access_policy(["data-a/raw"], ["data-a"])["Statement"][0]
     assert [s["Sid"] for s in cluster.s3_access_policy([], ["results-c"])["Statement"]] == ["List1", "Write"]
+
+
+def test_other_owners_names_what_carries_another_callers_owner_tag():
+    me, alice = "arn:aws:iam::1:user/me", "arn:aws:iam::1:user/alice"
+    owner = "dask-ec2-ansible:owner"
+    found = {"instance": [{"instance_id": "i-1", "tags": {"Name": "dask-lab-scheduler", owner: alice}},
+                          {"instance_id": "i-2", "tags": {owner: me}}],
+             "security group": [{"group_name": "dask-lab", "tags": {}}],
+             "key pair": [{"key_name": "dask-lab", "tags": {owner: alice}}],
+             "role": []}
+    assert cluster.other_owners(found, me) == [{"what": "instance dask-lab-scheduler", "owner": alice},
+                                               {"what": "key pair dask-lab", "owner": alice}]
+    # No owner tag (made before the tag existed): the caller's.
+    assert cluster.other_owners({"security group": [{"group_name": "dask-lab"}], "role": None}, me) == []
