@@ -15,6 +15,7 @@ import stat
 import subprocess
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -911,6 +912,60 @@ def test_geospatial_notebook_runs_every_cell_on_the_cluster_with_its_synthetic_s
     # The synthetic fields green up in summer: a seasonal cycle, not noise.
     assert max(summary["mean_ndvi"]) - min(summary["mean_ndvi"]) > 0.1
     requests.delete(f"{contents}/geospatial-ndvi.json", headers=auth, verify=info["jupyter_ca_file"], timeout=30)
+
+
+def lock_entries(text: str) -> dict[str, str]:
+    """{requirement line: its hash options} of a requirements file (continuation lines joined)."""
+    lines = [line.split(" #", 1)[0].strip() for line in text.replace("\\\n", " ").splitlines()]
+    entries = {}
+    for line in filter(None, (line for line in lines if not line.startswith("#"))):
+        requirement, _, hashes = line.partition(" --hash=")
+        entries[requirement.strip()] = " ".join(("--hash=" + hashes).split()) if hashes else ""
+    return entries
+
+
+def test_the_lock_has_hashes_and_a_tampered_wheel_is_refused_at_install(cluster, tmp_path):
+    """Every package of the cluster's lock is pinned with its hashes, on the controller and on the machine; uv,
+    as the dask role runs it (--require-hashes), refuses a wheel that is not the one locked, and a line
+    without hashes."""
+    [lock] = STATE.glob("requirements-*.txt")
+    entries = lock_entries(lock.read_text())
+    assert len(entries) > 50
+    assert {r for r, h in entries.items() if not re.fullmatch(r"--hash=sha256:[0-9a-f]{64}( --hash=sha256:[0-9a-f]{64})*", h)} \
+        == set(), "a locked package without hashes"
+    on_machine = docker_exec(SCHEDULER, "cat", "/opt/dask/requirements.txt").stdout
+    assert on_machine == lock.read_text()
+    role = (ROOT / "roles" / "dask" / "vars" / "main.yml").read_text()
+    assert "['--require-hashes'] if dask_lock_file" in role
+    [toolz] = [r for r in entries if r.startswith("toolz==")]
+    version = toolz.split("==", 1)[1].split(";", 1)[0].strip()
+    # A wheel of that name and version whose code is not the one locked (as a poisoned mirror serves it).
+    wheel = tmp_path / f"toolz-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("toolz/__init__.py", "import os; os.system('touch /tmp/poisoned')\n")
+        archive.writestr(f"toolz-{version}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: toolz\nVersion: {version}\n")
+        archive.writestr(f"toolz-{version}.dist-info/WHEEL",
+                         "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"toolz-{version}.dist-info/RECORD", "")
+    (tmp_path / "locked.txt").write_text(f"{toolz} {entries[toolz]}\n")
+    (tmp_path / "unhashed.txt").write_text(f"{toolz}\n")
+    assert docker_exec(SCHEDULER, "mkdir", "-p", "/tmp/hashcheck/mirror").returncode == 0
+    for path, where in ((wheel, "mirror/"), (tmp_path / "locked.txt", ""), (tmp_path / "unhashed.txt", "")):
+        subprocess.run(["docker", "cp", str(path), f"{SCHEDULER}:/tmp/hashcheck/{where}{path.name}"], check=True)
+    try:
+        assert docker_exec(SCHEDULER, "/usr/local/bin/uv", "venv", "-q", "/tmp/hashcheck/venv").returncode == 0
+        install = ["env", "UV_CACHE_DIR=/tmp/hashcheck/cache", "/usr/local/bin/uv", "pip", "install", "--python",
+                   "/tmp/hashcheck/venv/bin/python", "--no-index", "--find-links", "/tmp/hashcheck/mirror",
+                   "--require-hashes", "--requirement"]
+        tampered = docker_exec(SCHEDULER, *install, "/tmp/hashcheck/locked.txt")
+        assert tampered.returncode != 0
+        assert f"Hash mismatch for `toolz=={version}`" in tampered.stderr, tampered.stderr
+        unhashed = docker_exec(SCHEDULER, *install, "/tmp/hashcheck/unhashed.txt")
+        assert unhashed.returncode != 0
+        assert "all requirements must have a hash" in unhashed.stderr, unhashed.stderr
+        assert docker_exec(SCHEDULER, "test", "-e", "/tmp/poisoned").returncode != 0
+    finally:
+        docker_exec(SCHEDULER, "rm", "-rf", "/tmp/hashcheck")
 
 
 def test_second_run_changes_nothing(cluster):

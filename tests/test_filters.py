@@ -154,3 +154,14 @@ def test_other_owners_names_what_carries_another_callers_owner_tag():
                                                {"what": "key pair dask-lab", "owner": alice}]
     # No owner tag (made before the tag existed): the caller's.
     assert cluster.other_owners({"security group": [{"group_name": "dask-lab"}], "role": None}, me) == []
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://me:s3cret@mirror.example/simple", "https://me:****@mirror.example/simple"),
+    ("https://s3cret@pypi.fury.io/lab/", "https://****@pypi.fury.io/lab/"),
+    ("https://mirror.example/simple/a@b", "https://mirror.example/simple/a@b"),
+    ("file:///srv/wheels", "file:///srv/wheels"),
+    ("", ""),
+])
+def test_redact_url_hides_the_secret_of_an_index_url(url, shown):
+    assert cluster.redact_url(url) == shown

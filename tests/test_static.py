@@ -162,6 +162,11 @@ BAD_INPUTS = [
     (["-e", "save_dir="], "save_dir must be a directory on this machine outside"),
     (["-e", "provider=aws", "-e", "base_image=dask-ec2-ansible/dask:x"],
      "base_image (dask-ec2-ansible/dask:x) is an image of the local provider"),
+    (["-e", "python_index_url=http://mirror.lab.example/simple"],
+     "python_index_url must be an https:// (or file://) URL of a package index"),
+    # The secret of an index URL is not printed, not even in its refusal.
+    (["-e", "python_index_url=http://student:hunter2-s3cret@mirror.lab.example/simple"],
+     "(got 'http://student:****@mirror.lab.example/simple')"),
 ]
 
 
@@ -171,6 +176,7 @@ def test_bad_input_is_refused_before_anything_is_created(args, message):
     run = run_playbook("site.yml", "-e", "provider=docker", *cluster, *args, check=False)
     assert run.returncode != 0
     assert message in run.output, run.output[-3000:]
+    assert "hunter2-s3cret" not in run.output
     # Validation is the first play: nothing was provisioned.
     assert "Provision the cluster's machines" not in run.output
     if docker_available():

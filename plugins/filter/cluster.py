@@ -34,6 +34,8 @@ description:
     s3_write_buckets - list each bucket (within its prefixes), get objects of
     the read ones, get, put and delete objects of the write ones - and nothing
     else.
+  - C(redact_url) gives a URL without the secret of its user part (C(https://me:secret@host/) gives
+    C(https://me:****@host/), C(https://token@host/) gives C(https://****@host/)), for messages and image tags.
   - C(other_owners) gives, of the resources named after a cluster (a mapping of
     C(instance), C(security group), C(key pair) and C(role) to the lists the
     amazon.aws info modules return), those whose C(dask-ec2-ansible:owner) tag
@@ -157,6 +159,12 @@ def s3_access_policy(read, write):
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+def redact_url(url):
+    """user:password@ keeps the user; a lone token@ (as some private indexes use) is all secret."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@", r"\1:****@", str(url))
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@:]+@", r"\1****@", url)
+
+
 # How each kind of resource is named in the amazon.aws info modules' answers.
 _NAME_KEYS = {"instance": "instance_id", "security group": "group_name", "key pair": "key_name", "role": "role_name"}
 
@@ -183,6 +191,7 @@ class FilterModule:
             "local_path": local_path,
             "notebook_relpath": notebook_relpath,
             "other_owners": other_owners,
+            "redact_url": redact_url,
             "s3_access_policy": s3_access_policy,
             "s3_locations": s3_locations,
             "uv_environment": uv_environment,
