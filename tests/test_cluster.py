@@ -478,6 +478,35 @@ def test_services_are_enabled_units_running_as_the_service_user(cluster, contain
     assert docker_exec(container, "ps", "-o", "user=", "-p", pid).stdout.strip() == "dask"
 
 
+def test_code_in_a_service_cannot_trace_or_see_other_users_processes(cluster):
+    """SystemCallFilter=@system-service (ptrace is not in it: EPERM) and ProtectProc=invisible, measured where
+    user code runs: in the scheduler and in every worker (outside the units the same code may trace, and sees
+    PID 1)."""
+
+    def confinement():
+        """What a task sees of its machine: PTRACE_TRACEME's errno (0: allowed), whether PID 1 (root's systemd) is
+        visible, and the owners of the processes it can see."""
+        import ctypes
+        import os
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if libc.ptrace(0, 0, 0, 0) == 0 else ctypes.get_errno())
+        _, status = os.waitpid(child, 0)
+        return {"ptrace": os.waitstatus_to_exitcode(status), "pid1": os.path.exists("/proc/1"),
+                "owners": sorted({os.stat(f"/proc/{p}").st_uid for p in os.listdir("/proc") if p.isdigit()})}
+
+    uid = int(docker_exec(SCHEDULER, "id", "-u", "dask").stdout)
+    client = client_for(cluster["info"])  # a function defined here travels by value
+    try:
+        seen = {**client.run(confinement), "scheduler": client.run_on_scheduler(confinement)}
+    finally:
+        client.close()
+    assert len(seen) == WORKERS + 1
+    assert all(found == {"ptrace": 1, "pid1": False, "owners": [uid]} for found in seen.values()), seen
+
+
 @pytest.mark.parametrize(("container", "unit"), [
     (SCHEDULER, "dask-scheduler"), (SCHEDULER, "jupyterlab"), (WORKER_1, "dask-worker"),
 ])

@@ -16,7 +16,7 @@ description:
     teardown (save_work) and C(sync.yml -e down=...) copy to the controller. This module, run on the
     controller on what was copied, takes away what would act there without being opened.
   - In every git directory (a C(.git) directory, or any directory git would take for one, such as a bare
-    repository): C(config) and C(config.worktree) are renamed to C(*.from-cluster) and a C(config) with
+    repository), C(config) and C(config.worktree) are renamed to C(*.from-cluster) and a C(config) with
     only the repository format (and the object format and ref storage, which reading the repository
     needs) takes their place; C(hooks) is renamed to C(hooks.from-cluster). Git then runs nothing the
     cluster wrote (C(core.fsmonitor), C(core.hooksPath), hooks, filters, aliases), and every object,
@@ -162,7 +162,7 @@ def main():
         module.fail_json(msg=f"{path} is not a directory")
     root, actions = plan(path)
     if module.check_mode or not actions:
-        module.exit_json(changed=bool(actions), changes=[f"{a} {rel}" for a, rel, _ in actions])
+        module.exit_json(changed=bool(actions), changes=[f"{action[0]} {action[1]}" for action in actions])
     lines = apply(root, actions)
     # Not through a link of the same name (O_NOFOLLOW).
     descriptor = os.open(os.path.join(root, NOTE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
