@@ -332,6 +332,8 @@ OWN_MODULE_ACTIONS = {
     "dask_ec2_bucket_regions": {"s3:GetBucketLocation"},
     # Runs on the cluster's machines and writes a local file there: no AWS call.
     "dask_ec2_stamp": set(),
+    # Runs on the controller over a tree just saved from the cluster: no AWS call.
+    "dask_ec2_inert": set(),
 }
 
 

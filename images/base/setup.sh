@@ -14,7 +14,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     systemd systemd-sysv dbus openssh-server sudo python3 \
-    ca-certificates iproute2 procps less curl cloud-init >/dev/null
+    ca-certificates iproute2 procps less curl cloud-init acl >/dev/null
 apt-get clean
 rm -rf /var/lib/apt/lists/*
 
