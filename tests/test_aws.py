@@ -247,7 +247,7 @@ def test_instances_are_hardened(cluster):
         assert (volume["VolumeType"], volume["Encrypted"], volume["Size"]) == ("gp3", True, 30), name
 
 
-PUBLIC_PORTS, CLUSTER_PORTS = [22, 8888, 8787], [8786, 8788, 8789, 8790]
+PUBLIC_PORTS, CLUSTER_PORTS = [22, 8888], [8786, 8788, 8789]
 
 
 def group_rules(env) -> tuple[dict, set]:
