@@ -488,15 +488,64 @@ def test_browser_shows_the_dask_panels_with_live_plots(lab):
     page.goto("about:blank")
 
 
+# Each service runs as its own account: Jupyter (and its kernels) as the one
+# that owns the notebooks, the scheduler and the workers as theirs.
+SERVICE_USERS = {"dask-scheduler": "dask-scheduler", "jupyterlab": "dask", "dask-worker": "dask-worker"}
+
+
 @pytest.mark.parametrize(("container", "unit"), [
     (SCHEDULER, "dask-scheduler"), (SCHEDULER, "jupyterlab"), (WORKER_1, "dask-worker"),
 ])
-def test_services_are_enabled_units_running_as_the_service_user(cluster, container, unit):
+def test_services_are_enabled_units_running_as_their_own_users(cluster, container, unit):
     assert docker_exec(container, "systemctl", "is-active", unit).stdout.strip() == "active"
     assert docker_exec(container, "systemctl", "is-enabled", unit).stdout.strip() == "enabled"
     pid = docker_exec(container, "systemctl", "show", "-p", "MainPID", "--value", unit).stdout.strip()
     assert pid not in ("", "0")
-    assert docker_exec(container, "ps", "-o", "user=", "-p", pid).stdout.strip() == "dask"
+    assert docker_exec(container, "ps", "-o", "user=", "-p", pid).stdout.strip() == SERVICE_USERS[unit]
+    # Its own byte-code cache, owned by its user (no shared, writable one).
+    cache = docker_exec(container, "systemctl", "show", "-p", "CacheDirectory", "--value", unit).stdout.strip()
+    assert cache == f"{unit}-pycache"
+    assert docker_exec(container, "stat", "-c", "%U", f"/var/cache/{cache}").stdout.strip() == SERVICE_USERS[unit]
+    assert docker_exec(container, "test", "-e", "/var/cache/dask-pycache").returncode != 0
+
+
+def test_the_dask_services_cannot_read_jupyters_token_key_or_notebooks(cluster):
+    """The scheduler shares Jupyter's machine: code running in it (a task, a preload, a package) fails to read the
+    token, Jupyter's HTTPS key and the notebooks, inside its unit and as its user outside it. Jupyter's key is
+    not the node's (which the services read to speak TLS). Workers run on machines without any of it, and fail
+    to read there too."""
+    secrets = ["/etc/jupyter/jupyter_server_config.json", "/etc/jupyter/tls/key.pem", NOTEBOOKS]
+
+    def attempt(paths):
+        import os
+
+        found = {}
+        for path in paths:
+            try:
+                if os.path.isdir(path):
+                    os.listdir(path)
+                else:
+                    open(path, "rb").close()
+                found[path] = "read"
+            except OSError as error:
+                found[path] = type(error).__name__
+        return found
+
+    client = client_for(cluster["info"])
+    try:
+        in_scheduler = client.run_on_scheduler(attempt, secrets)
+        on_workers = client.run(attempt, secrets)
+    finally:
+        client.close()
+    assert in_scheduler == dict.fromkeys(secrets, "PermissionError"), in_scheduler
+    # On a worker's machine Jupyter's files do not exist, and its user's home (made there too) is closed.
+    assert all(set(found.values()) <= {"FileNotFoundError", "PermissionError"} for found in on_workers.values()), \
+        on_workers
+    for path in secrets:
+        assert docker_exec(SCHEDULER, "runuser", "-u", "dask-scheduler", "--", "test", "-r", path).returncode != 0, path
+        # The check can fail: Jupyter's own user reads each of them.
+        assert docker_exec(SCHEDULER, "runuser", "-u", "dask", "--", "test", "-r", path).returncode == 0, path
+    assert docker_exec(SCHEDULER, "cmp", "-s", "/etc/jupyter/tls/key.pem", "/etc/dask/tls/node.key").returncode == 1
 
 
 def test_code_in_a_service_cannot_trace_or_see_other_users_processes(cluster):
@@ -506,26 +555,29 @@ def test_code_in_a_service_cannot_trace_or_see_other_users_processes(cluster):
 
     def confinement():
         """What a task sees of its machine: PTRACE_TRACEME's errno (0: allowed), whether PID 1 (root's systemd) is
-        visible, and the owners of the processes it can see."""
+        visible, its user, and whether every process it can see is its user's."""
         import ctypes
         import os
+        import pwd
 
         libc = ctypes.CDLL(None, use_errno=True)
         child = os.fork()
         if child == 0:
             os._exit(0 if libc.ptrace(0, 0, 0, 0) == 0 else ctypes.get_errno())
         _, status = os.waitpid(child, 0)
+        owners = {os.stat(f"/proc/{p}").st_uid for p in os.listdir("/proc") if p.isdigit()}
         return {"ptrace": os.waitstatus_to_exitcode(status), "pid1": os.path.exists("/proc/1"),
-                "owners": sorted({os.stat(f"/proc/{p}").st_uid for p in os.listdir("/proc") if p.isdigit()})}
+                "user": pwd.getpwuid(os.getuid()).pw_name, "only_own": owners == {os.getuid()}}
 
-    uid = int(docker_exec(SCHEDULER, "id", "-u", "dask").stdout)
     client = client_for(cluster["info"])  # a function defined here travels by value
     try:
         seen = {**client.run(confinement), "scheduler": client.run_on_scheduler(confinement)}
     finally:
         client.close()
     assert len(seen) == WORKERS + 1
-    assert all(found == {"ptrace": 1, "pid1": False, "owners": [uid]} for found in seen.values()), seen
+    expected = {"ptrace": 1, "pid1": False, "only_own": True}
+    assert seen.pop("scheduler") == {**expected, "user": "dask-scheduler"}, seen
+    assert all(found == {**expected, "user": "dask-worker"} for found in seen.values()), seen
 
 
 @pytest.mark.parametrize(("container", "unit"), [

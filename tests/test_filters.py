@@ -54,6 +54,9 @@ def test_tls_certificate_of_a_machine_names_both_its_addresses_once_and_localhos
                                                   "addresses": ["54.1.2.3", "10.0.0.5", "localhost", "127.0.0.1"]}
     host["ansible_host"] = "10.0.0.5"
     assert cluster.dask_tls_certificate(host)["addresses"] == ["10.0.0.5", "localhost", "127.0.0.1"]
+    # A second certificate of the machine (Jupyter's, a key of its own) names the machine too.
+    assert cluster.dask_tls_certificate(host, "-jupyter") == {"name": "w1-jupyter",
+                                                              "addresses": ["w1", "10.0.0.5", "localhost", "127.0.0.1"]}
 
 
 @pytest.mark.parametrize(("value", "ok"), [("", True), ("30m", True), ("1.5h", True), ("90s", True), ("2d", True),

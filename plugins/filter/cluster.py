@@ -79,10 +79,14 @@ def git_project_name(url):
 TUNNEL_NAMES = ["localhost", "127.0.0.1"]
 
 
-def dask_tls_certificate(host):
-    """A machine's certificate: its name, the address it is reached at, its own address, and localhost."""
+def dask_tls_certificate(host, suffix=""):
+    """A machine's certificate: its name, the address it is reached at, its own address, and localhost.
+    With a SUFFIX, a second certificate of the machine (a key of its own) named NAME+SUFFIX, which
+    names the machine too."""
     addresses = [host["ansible_host"], host["ansible_facts"]["default_ipv4"]["address"], *TUNNEL_NAMES]
-    return {"name": host["inventory_hostname"], "addresses": list(dict.fromkeys(addresses))}
+    if suffix:
+        addresses.insert(0, host["inventory_hostname"])
+    return {"name": host["inventory_hostname"] + suffix, "addresses": list(dict.fromkeys(addresses))}
 
 
 def uv_environment(cache_dir, ca_bundle, index_url="", compile_bytecode=None):
