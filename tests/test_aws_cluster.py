@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -506,6 +507,24 @@ def test_a_client_from_cluster_json_computes_on_every_worker(cluster):
         assert len(client.run(lambda: 1)) == 2
     finally:
         client.close()
+
+
+def test_the_cluster_object_attaches_from_cluster_json_and_keeps_the_fixed_size_with_a_warning(cluster):
+    """On aws, cluster.scale(n) of a notebook written for a cluster that scales warns and keeps the size
+    (worker_count), so the notebook goes on; the docker provider's refusal is tested in test_cluster.py."""
+    from dask_ec2_ansible import Cluster, ScalingWarning
+
+    assert cluster["info"]["scaling"]["provider"] == "aws"
+    with Cluster.from_file(STATE / "cluster.json") as attached:
+        assert attached.name == CLUSTER and len(attached.scheduler_info["workers"]) == 2
+        with pytest.warns(ScalingWarning, match=r"fixed size of 2 \(worker_count\).*-e worker_count=N"):
+            attached.scale(10)
+        with pytest.warns(ScalingWarning, match="fixed size"):
+            assert attached.adapt(minimum=0, maximum=4) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ScalingWarning)
+            attached.scale(2)  # the size it has: nothing to say
+        assert len(attached.scheduler_info["workers"]) == 2
 
 
 def test_the_printed_connect_lines_pasted_into_python_compute_on_the_cluster(cluster, tmp_path):

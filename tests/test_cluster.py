@@ -291,6 +291,73 @@ def test_kernel_client_without_arguments_joins_this_cluster(cluster):
     assert lines["VERSION"] == cluster["info"]["dask_version"]
 
 
+def test_cluster_object_attaches_in_a_kernel_and_says_docker_cannot_scale_from_python(cluster):
+    """Notebooks written for LocalCluster or Coiled make a cluster object and scale it: Cluster() attaches to this
+    cluster (closing it leaves the cluster running), and on docker scale() and adapt() say how to resize instead."""
+    info = cluster["info"]
+    out = run_in_kernel(info, "\n".join([
+        "import distributed",
+        "from dask_ec2_ansible import Cluster, ScalingError",
+        "cluster = Cluster()",
+        "client = distributed.Client(cluster)",
+        "print('NAME', cluster.name)",
+        "print('SAME', client.cluster is cluster)",
+        "print('WORKERS', len(cluster.scheduler_info['workers']))",
+        "print('DASHBOARD', client.dashboard_link)",
+        "print('RESULT', client.submit(sum, range(101)).result())",
+        "for call in (lambda: client.cluster.scale(10), lambda: cluster.adapt(minimum=0, maximum=4)):",
+        "    try:",
+        "        call()",
+        "    except ScalingError as error:",
+        "        print('REFUSED', error)",
+        "client.close()",
+        "cluster.close()",
+    ]))
+    lines = [line.split(" ", 1) for line in out.strip().splitlines()]
+    said = dict(line for line in lines if line[0] != "REFUSED")
+    assert said["NAME"] == CLUSTER and said["SAME"] == "True" and said["RESULT"] == "5050", out
+    assert said["WORKERS"] == str(WORKERS)
+    assert said["DASHBOARD"] == "/proxy/8787/status"
+    refused = [line[1] for line in lines if line[0] == "REFUSED"]
+    assert len(refused) == 2, out
+    assert "needs the aws provider" in refused[0] and f"-e cluster_name={CLUSTER} -e worker_count=N" in refused[0]
+    # Closing the cluster object stopped nothing.
+    client = client_for(info)
+    try:
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) == WORKERS
+    finally:
+        client.close()
+
+
+def test_cluster_object_from_cluster_json_on_the_controller_and_in_the_dask_panel(cluster):
+    """cluster.json attaches this machine's Python to the cluster; Lab's Dask panel lists the same cluster (its
+    cluster manager, whose Scale dialog calls Cluster.scale, refused on docker)."""
+    from dask_ec2_ansible import Cluster, ScalingError
+
+    info = cluster["info"]
+    assert info["scaling"] == {"provider": "docker", "workers": WORKERS, "minimum": WORKERS, "maximum": WORKERS,
+                               "adaptive": False, "autoscaler": False}
+    with Cluster.from_file(ROOT / ".clusters" / CLUSTER / "cluster.json") as attached:
+        assert attached.name == CLUSTER and attached.scheduler_address == info["scheduler_address"]
+        assert len(attached.scheduler_info["workers"]) == WORKERS
+        assert f"workers={WORKERS}" in repr(attached) and "Fixed size" in attached._repr_html_()
+        assert attached.dashboard_link == info["dashboard_url"] + "/status"
+        with pytest.raises(ScalingError, match="needs the aws provider"):
+            attached.scale(WORKERS + 1)
+    token = Path(info["jupyter_token_file"]).read_text().strip()
+    base = info["jupyter_url"].removesuffix("/lab")
+    auth = {"Authorization": f"token {token}"}
+    listed = jupyter_get(info, f"{base}/dask/clusters", headers=auth)
+    assert listed.status_code == 200, listed.text
+    clusters = listed.json()
+    assert [(c["name"], c["workers"], c["scheduler_address"]) for c in clusters] == [
+        (CLUSTER, WORKERS, info["scheduler_address"])], clusters
+    scaled = requests.patch(f"{base}/dask/clusters/{clusters[0]['id']}", headers=auth, json={"workers": WORKERS + 1},
+                            verify=info["jupyter_ca_file"], timeout=30)
+    assert scaled.status_code >= 400, scaled.text
+    assert jupyter_get(info, f"{base}/dask/clusters", headers=auth).json()[0]["workers"] == WORKERS
+
+
 def test_project_repository_is_cloned_and_is_a_kernel(cluster, project_repo):
     info = cluster["info"]
     token = Path(info["jupyter_token_file"]).read_text().strip()

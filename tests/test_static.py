@@ -290,7 +290,8 @@ def test_getting_started_notebook_is_valid_and_has_no_outputs():
             assert cell["outputs"] == [] and cell["execution_count"] is None, "clear the outputs before committing"
             code.append("".join(cell["source"]))
     source = "\n".join(code)
-    assert "client = Client()" in source  # no address, no certificates: $DASK_CONFIG on the machine
+    # No address, no certificates: $DASK_CONFIG on the machine names the cluster.
+    assert "cluster = Cluster()" in source and "client = Client(cluster)" in source
     assert not re.search(r"(tls|tcp)://|[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+", source)
     assert "storage_options" in source and "READ_FROM_S3 = False" in source
 
