@@ -35,6 +35,10 @@ from distributed.security import Security
 
 # The section of the Dask configuration that site.yml writes for the kernels.
 CONFIG = "dask-ec2-ansible"
+# Where a request for a size goes: the scheduler's metadata, which the autoscaler on its machine reads
+# (autoscaler.py); closing this object or the notebook changes nothing.
+REQUEST_KEY = ["dask-ec2-ansible", "request"]
+STATUS_KEY = ["dask-ec2-ansible", "autoscaler"]
 
 
 class ScalingError(RuntimeError):
@@ -198,6 +202,16 @@ class Cluster(_DaskCluster):
         if n is None or memory is not None or cores is not None:
             raise ScalingError("Give the number of workers: cluster.scale(n) (memory= and cores= are not supported).")
         self._requested = self._clamp(int(n))
+        if self.limits["autoscaler"]:
+            return self.sync(self._ask, {"mode": "fixed", "n": self._requested})
+        return None
+
+    async def _ask(self, request: dict) -> None:
+        await self.scheduler_comm.set_metadata(keys=REQUEST_KEY, value=request)
+
+    def autoscaler_status(self) -> dict | None:
+        """What the autoscaler last said (mode, workers, its instances, the last EC2 refusal); None without one."""
+        return self.sync(self.scheduler_comm.get_metadata, keys=STATUS_KEY, default=None)
 
     def adapt(self, *args: Any, minimum: int | None = None, maximum: int | None = None,
               **kwargs: Any) -> AdaptiveRequest | None:
@@ -215,6 +229,8 @@ class Cluster(_DaskCluster):
         low = self._clamp(self.limits["minimum"] if minimum is None else int(minimum))
         high = self._clamp(self.limits["maximum"] if maximum is None else int(maximum))
         self._requested = max(low, min(high, len(self.scheduler_info["workers"])))
+        options = {k: kwargs[k] for k in ("target_duration", "wait_count") if k in kwargs}
+        self.sync(self._ask, {"mode": "adaptive", "minimum": low, "maximum": high, **options})
         return AdaptiveRequest(low, high)
 
     def _scaling_status(self) -> str:

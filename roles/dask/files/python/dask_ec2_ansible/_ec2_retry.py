@@ -1,0 +1,1 @@
+../../../../../plugins/module_utils/dask_ec2_retry.py
