@@ -132,7 +132,7 @@ class Autoscaler(AdaptiveCore):
             return
         if time.monotonic() < self.quota_until:
             return
-        for _ in range(wanted):
+        for _attempt in range(wanted):
             if not self.launch():
                 break
 

@@ -26,7 +26,7 @@ def _environment_file() -> dict[str, str]:
     try:
         for line in pathlib.Path("/etc/environment").read_text().splitlines():
             if "=" in line and not line.lstrip().startswith("#"):
-                key, _, value = line.partition("=")
+                key, _sep, value = line.partition("=")
                 found[key.strip()] = value.strip().strip('"')
     except OSError:
         pass
