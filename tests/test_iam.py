@@ -27,7 +27,10 @@ with warnings.catch_warnings():
 POLICY = json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text())
 BOUNDARY = json.loads((ROOT / "iam" / "dask-ec2-ansible-machines-boundary.json").read_text())
 OWNER_ID = "dask-ec2-ansible:owner-id"
+AUTOSCALER_BOUNDARY = json.loads((ROOT / "iam" / "dask-ec2-ansible-autoscaler-boundary.json").read_text())
 BOUNDARY_ARN = "arn:aws:iam::${aws:PrincipalAccount}:policy/dask-ec2-ansible/dask-ec2-ansible-machines-boundary"
+AUTOSCALER_BOUNDARY_ARN = ("arn:aws:iam::${aws:PrincipalAccount}:policy/dask-ec2-ansible/"
+                           "dask-ec2-ansible-autoscaler-boundary")
 
 
 def cluster_filters():
@@ -98,6 +101,52 @@ def test_parliament_finds_nothing_in_the_roles_the_toolkit_makes():
     assert granted <= set(allowed["Action"]), granted - set(allowed["Action"])
 
 
+def test_the_autoscalers_role_may_only_start_tag_and_stop_its_clusters_workers_within_its_boundary():
+    """The scheduler's machine carries it (scale_maximum above worker_count): RunInstances only for instances
+    tagged with this cluster as autoscaled, of the workers' type, from its image, group and key; tags at launch;
+    Name and Terminate only of this cluster's autoscaled workers. Its boundary: the machines' S3 access, those
+    EC2 actions and PassRole of our roles, nothing else."""
+    variables = yaml.safe_load((ROOT / "roles" / "provider_aws" / "vars" / "main.yml").read_text())
+    assert "__provider_aws_autoscaler_policy" in variables
+    env = __import__("jinja2").Environment()
+    values = {"__provider_aws_ec2_arn": "arn:aws:ec2:eu-west-1", "__provider_aws_partition": "aws",
+              "__provider_aws_caller_result": {"account": "123456789012", "arn": "arn:aws:iam::123456789012:user/u"},
+              "provider_aws_cluster_name": "lab", "provider_aws_worker_instance_type": "m7i.large",
+              "provider_aws_region": "eu-west-1", "__provider_aws_amis": {"x86_64": {"image_id": "ami-0123"}},
+              "__provider_aws_arch": {"worker": "x86_64"}, "__provider_aws_group_result": {"group_id": "sg-0abc"},
+              "__provider_aws_key_name": "dask-lab", "__provider_aws_iam_path": "/dask-ec2-ansible/",
+              "__provider_aws_role_name": "dask-lab-eu-west-1", "__provider_aws_s3_wanted": True}
+    rendered = env.from_string(variables["__provider_aws_autoscaler_policy"]["Statement"]).render(**values)
+    policy = {"Version": "2012-10-17", "Statement": __import__("ast").literal_eval(rendered.strip())}
+    # The same findings that do not apply to the shipped policy, for the same reasons (NOT_APPLYING): PassRole
+    # with RunInstances (of our bucket role only), RunInstances's resources in statements of their own.
+    found = findings(policy)
+    assert {f.issue for f in found} <= set(NOT_APPLYING), [(f.issue, f.detail) for f in found]
+    for finding in found:
+        if finding.issue == "RESOURCE_MISMATCH":
+            assert {m["action"] for m in finding.detail} == {"ec2:RunInstances"}, finding.detail
+    by_sid = {s["Sid"]: s for s in statements(policy)}
+    assert conditions(by_sid["LaunchOnlyThisClustersWorkers"]) == {
+        "aws:RequestTag/dask-ec2-ansible:cluster": "lab", "aws:RequestTag/dask-ec2-ansible:autoscaled": "true",
+        "ec2:InstanceType": "m7i.large"}
+    assert conditions(by_sid["NameAndStopOnlyItsOwnWorkers"]) == {
+        "aws:ResourceTag/dask-ec2-ansible:cluster": "lab", "aws:ResourceTag/dask-ec2-ansible:autoscaled": "true"}
+    assert conditions(by_sid["TagWhatItLaunches"]) == {"ec2:CreateAction": "RunInstances"}
+    assert [s["Sid"] for s in statements(policy) if s["Resource"] == ["*"]] == ["SeeTheInstancesAndSubnets"]
+    assert all(a.startswith(("ec2:Describe",)) for a in by_sid["SeeTheInstancesAndSubnets"]["Action"])
+    assert by_sid["GiveItsWorkersTheClustersBucketRole"]["Resource"] == [
+        "arn:aws:iam::123456789012:role/dask-ec2-ansible/dask-lab-eu-west-1"]
+    # Its boundary: the machines' own, and exactly what the policy above (and the S3 one) may use.
+    boundary = {a for s in statements(AUTOSCALER_BOUNDARY) for a in s["Action"]}
+    machines = {a for s in statements(BOUNDARY) for a in s["Action"]}
+    granted = {a for s in statements(policy) for a in s["Action"]}
+    assert granted <= boundary and machines <= boundary
+    assert boundary - machines == granted - machines
+    # A boundary grants nothing by itself; PassRole is there for the bucket role only (the policy's resource).
+    assert {f.issue for f in findings(AUTOSCALER_BOUNDARY)} <= {"RESOURCE_STAR", "PRIVILEGE_ESCALATION",
+                                                                "PERMISSIONS_MANAGEMENT_ACTIONS"}
+
+
 def conditions(statement: dict) -> dict:
     return {key: value for test in statement.get("Condition", {}).values() for key, value in test.items()}
 
@@ -164,7 +213,8 @@ def test_roles_are_passed_and_made_only_under_our_path_and_with_the_boundary():
     # Making a role, and giving it a policy, only with the boundary.
     for action in ("iam:CreateRole", "iam:PutRolePolicy", "iam:DeleteRolePolicy", "iam:PutRolePermissionsBoundary"):
         (statement,) = [s for s in iam if action in s["Action"]]
-        assert statement["Condition"]["ArnEquals"] == {"iam:PermissionsBoundary": BOUNDARY_ARN}, action
+        assert statement["Condition"]["ArnEquals"] == {
+            "iam:PermissionsBoundary": [BOUNDARY_ARN, AUTOSCALER_BOUNDARY_ARN]}, action
     assert not any("iam:DeleteRolePermissionsBoundary" in s["Action"] or "iam:AttachRolePolicy" in s["Action"]
                    for s in iam)
     # provider_aws makes its role with that boundary, by the same name.

@@ -55,6 +55,10 @@ options:
         type: list
         elements: dict
         default: []
+      iam_instance_profile:
+        description:
+          - The scheduler's instance profile (name or ARN) when it is not O(iam_instance_profile) (an autoscaler's).
+        type: str
   workers:
     description: The workers, one instance per name.
     type: dict
@@ -335,6 +339,8 @@ class Launcher:
         if self.p["metadata_options"]:
             params["MetadataOptions"] = _metadata(self.p["metadata_options"])
         profile = self.p["iam_instance_profile"]
+        if machine["role"] == "scheduler" and machine.get("iam_instance_profile") is not None:
+            profile = machine["iam_instance_profile"]
         if profile:
             params["IamInstanceProfile"] = {"Arn": profile} if profile.startswith("arn:") else {"Name": profile}
         if self.p["public_ip"] is not None:
@@ -369,7 +375,7 @@ class Launcher:
                 except botocore.exceptions.ClientError as error:
                     code, message = error_code(error), error.response.get("Error", {}).get("Message", "")
                     if (code == "InvalidParameterValue" and "instance profile" in message.lower()
-                            and profile_waited < PROFILE_WAIT and self.p["iam_instance_profile"]):
+                            and profile_waited < PROFILE_WAIT and "IamInstanceProfile" in params):
                         # A profile made moments ago (s3_*_buckets) reaches EC2 seconds later (IAM is
                         # eventually consistent): the same request again, a while.
                         time.sleep(5)
@@ -510,7 +516,8 @@ def main():
         argument_spec=dict(
             scheduler=dict(type="dict", required=True, options=dict(
                 name=dict(type="str", required=True), instance_type=dict(type="str", required=True),
-                image_id=dict(type="str", required=True), volumes=dict(type="list", elements="dict", default=[]))),
+                image_id=dict(type="str", required=True), volumes=dict(type="list", elements="dict", default=[]),
+                iam_instance_profile=dict(type="str"))),
             workers=dict(type="dict", required=True, options=dict(
                 names=dict(type="list", elements="str", required=True), instance_type=dict(type="str", required=True),
                 image_id=dict(type="str", required=True), volumes=dict(type="list", elements="dict", default=[]),
