@@ -308,3 +308,38 @@ def test_enrollment_signs_once_for_the_launched_instance_from_its_own_address(mo
     # Only digests of the tokens are kept on the machine.
     state = json.loads((Path(autoscaler.config["state_dir"]) / "state.json").read_text())
     assert token not in json.dumps(state) and other_token not in json.dumps(state)
+
+
+def test_adaptive_grows_for_a_queued_graph_and_shrinks_back_after_the_wait_count(moto, make_config):
+    """cluster.adapt(): the target is the scheduler's adaptive_target (Dask's policy), within the limits; a
+    worker is retired only after wait_count decisions in a row say so; never more than the maximum launched."""
+    import time
+
+    async def scenario():
+        async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
+            autoscaler = Autoscaler(make_config(scheduler.address))
+            request = cluster.adapt(minimum=0, maximum=10, target_duration="1s", wait_count=2)
+            async with Client(scheduler.address, asynchronous=True) as client:
+                futures = client.map(time.sleep, [0.2] * 200, pure=False)
+                await asyncio.sleep(1)
+                await autoscaler.tick()
+                grown, most = sorted(autoscaler.instances), len(live(moto))
+                extra = [Worker(scheduler.address, name=name, nthreads=1) for name in grown]
+                for worker in extra:
+                    await worker
+                await client.gather(futures)
+                sizes = []
+                for _ in range(6):
+                    await autoscaler.tick()
+                    most = max(most, len(live(moto)))
+                    sizes.append(len(autoscaler.instances))
+                for worker in extra:
+                    await worker.close()
+            return request, grown, most, sizes
+
+    with pytest.warns(ScalingWarning):   # minimum 0 and maximum 10 are clamped to the limits 1 and 3
+        request, grown, most, sizes = asyncio.run(scenario())
+    assert (request.minimum, request.maximum) == (1, 3)
+    assert len(grown) == 2 and most == 2, "grew to the maximum, never beyond it"
+    assert sizes[0] == 2, "the first decision to shrink waits (wait_count 2)"
+    assert sizes[-1] == 0 and live(moto) == []

@@ -230,7 +230,10 @@ class Cluster(_DaskCluster):
         high = self._clamp(self.limits["maximum"] if maximum is None else int(maximum))
         self._requested = max(low, min(high, len(self.scheduler_info["workers"])))
         options = {k: kwargs[k] for k in ("target_duration", "wait_count") if k in kwargs}
-        self.sync(self._ask, {"mode": "adaptive", "minimum": low, "maximum": high, **options})
+        sent = self.sync(self._ask, {"mode": "adaptive", "minimum": low, "maximum": high, **options})
+        if self.asynchronous:
+            # Callers expect an Adaptive back, not something to await (dask-labextension's Adapt dialog).
+            self._adapt_request_task = asyncio.ensure_future(sent)
         return AdaptiveRequest(low, high)
 
     def _scaling_status(self) -> str:
