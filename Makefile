@@ -116,7 +116,7 @@ logs:
 ## A Host entry per machine in .clusters/$(CLUSTER)/ssh_config (playbooks/ssh_config.yml, through the
 ## provider's inventory); INCLUDE=1 also adds the Include line to ~/.ssh/config. The provider is the
 ## one cluster.json names (an aws cluster on the emulator: . .emulator/env.sh first, as for any playbook).
-CLUSTER_PROVIDER = $(shell sed -n 's/^ *"provider": "\([a-z]*\)".*/\1/p' .clusters/$(CLUSTER)/cluster.json 2>/dev/null)
+CLUSTER_PROVIDER = $(shell sed -n 's/^  "provider": "\([a-z]*\)".*/\1/p' .clusters/$(CLUSTER)/cluster.json 2>/dev/null)
 ssh-config: setup
 	$(PLAYBOOK) playbooks/ssh_config.yml -e cluster_name=$(CLUSTER) $(if $(CLUSTER_PROVIDER),-e provider=$(CLUSTER_PROVIDER)) \
 		$(if $(filter 1 yes true,$(INCLUDE)),-e ssh_config_include=true)

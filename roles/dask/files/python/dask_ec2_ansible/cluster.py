@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import pathlib
+import re
 import warnings
 from typing import Any
 
@@ -49,8 +50,15 @@ class ScalingWarning(UserWarning):
     """A request was clamped to the cluster's limits (the message names the setting)."""
 
 
-def _limits(scaling: dict[str, Any]) -> dict[str, Any]:
-    workers = int(scaling.get("workers", 0) or 0)
+# The workers an autoscaler started are named after their instance ids; site.yml's are not.
+_AUTOSCALED_NAME = re.compile(r"^i-[0-9a-f]+$")
+
+
+def _limits(scaling: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    # The kernels are not told worker_count (a scale-up must not reconfigure Jupyter): site.yml's workers
+    # are the ones the scheduler has that the autoscaler did not start.
+    fixed = len([n for n in names if not _AUTOSCALED_NAME.match(str(n))])
+    workers = int(scaling["workers"]) if "workers" in scaling else fixed
     return {
         "provider": scaling.get("provider", ""),
         "workers": workers,
@@ -109,7 +117,7 @@ class Cluster(_DaskCluster):
         super().__init__(asynchronous=asynchronous, loop=loop, quiet=quiet,
                          name=name or config.get("cluster") or None)
         self.security = security or Security()
-        self.limits = _limits(scaling if scaling is not None else config.get("scaling", {}))
+        self._scaling = dict(scaling if scaling is not None else config.get("scaling", {}))
         self._dashboard_link = dashboard_link
         self._requested: int | None = None
         self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
@@ -154,6 +162,12 @@ class Cluster(_DaskCluster):
             return self
 
         return start().__await__()
+
+    @property
+    def limits(self) -> dict[str, Any]:
+        """provider, workers (site.yml's), minimum, maximum, adaptive, autoscaler."""
+        names = [w.get("name") for w in self.scheduler_info["workers"].values()]
+        return _limits(self._scaling, names)
 
     @property
     def _cluster_class_name(self) -> str:
