@@ -120,6 +120,26 @@ async def scheduler_with_one_fixed_worker():
                 await cluster._close()
 
 
+async def scaled_once(make_config, n: int) -> Autoscaler:
+    """An autoscaler's first decision after cluster.scale(n) (a scheduler and its fixed worker in this process)."""
+    async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
+        autoscaler = Autoscaler(make_config(scheduler.address))
+        await cluster.scale(n)
+        await autoscaler.tick()
+        return autoscaler
+
+
+@contextlib.contextmanager
+def faults(moto):
+    """The fault proxy between the autoscaler's boto3 and moto (AWS_ENDPOINT_URL points at it meanwhile)."""
+    with EC2FaultProxy(moto["endpoint"]) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        try:
+            yield proxy
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = moto["endpoint"]
+
+
 def test_scale_up_launches_only_the_missing_workers_tagged_and_a_restart_launches_none(moto, make_config):
     async def scenario():
         async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
@@ -194,67 +214,51 @@ def test_an_instance_that_never_joins_is_terminated_after_the_bound(moto, make_c
 
 
 def test_a_zone_without_capacity_is_skipped_and_a_quota_is_tried_once_per_backoff(moto, make_config, caplog):
-    with EC2FaultProxy(moto["endpoint"]) as proxy:
-        os.environ["AWS_ENDPOINT_URL"] = proxy.url
-        try:
-            proxy.refuse("RunInstances", "InsufficientInstanceCapacity", where={"SubnetId": moto["subnets"][0]})
+    with faults(moto) as proxy:
+        proxy.refuse("RunInstances", "InsufficientInstanceCapacity", where={"SubnetId": moto["subnets"][0]})
+        asyncio.run(scaled_once(make_config, 2))
+        instances = live(moto)
+        assert [i["SubnetId"] for i in instances] == [moto["subnets"][1]]
+        moto["ec2"].terminate_instances(InstanceIds=[i["InstanceId"] for i in instances])
+        proxy.clear()
+        proxy.refuse("RunInstances", "VcpuLimitExceeded")
 
-            async def capacity():
-                async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
-                    autoscaler = Autoscaler(make_config(scheduler.address))
-                    await cluster.scale(2)
+        async def quota():
+            async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
+                autoscaler = Autoscaler(make_config(scheduler.address))
+                await cluster.scale(3)
+                for _ in range(5):
                     await autoscaler.tick()
-                    return autoscaler
+                return autoscaler.last_error
 
-            asyncio.run(capacity())
-            instances = live(moto)
-            assert [i["SubnetId"] for i in instances] == [moto["subnets"][1]]
-            moto["ec2"].terminate_instances(InstanceIds=[i["InstanceId"] for i in instances])
-            proxy.clear()
-            proxy.refuse("RunInstances", "VcpuLimitExceeded")
-
-            async def quota():
-                async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
-                    autoscaler = Autoscaler(make_config(scheduler.address))
-                    await cluster.scale(3)
-                    for _ in range(5):
-                        await autoscaler.tick()
-                    return autoscaler.last_error
-
-            with caplog.at_level(logging.ERROR, logger="dask_ec2_ansible.autoscaler"):
-                error = asyncio.run(quota())
-            assert len(proxy.calls("RunInstances", refused=True)) == 1
-            assert "VcpuLimitExceeded" in error
-            said = [r.message for r in caplog.records if "quota" in r.message]
-            assert len(said) == 1 and "scale_maximum" in said[0], said
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = moto["endpoint"]
+        with caplog.at_level(logging.ERROR, logger="dask_ec2_ansible.autoscaler"):
+            error = asyncio.run(quota())
+        assert len(proxy.calls("RunInstances", refused=True)) == 1
+        assert "VcpuLimitExceeded" in error
+        said = [r.message for r in caplog.records if "quota" in r.message]
+        assert len(said) == 1 and "scale_maximum" in said[0], said
     assert live(moto) == []
 
 
 def test_an_autoscaler_killed_in_the_middle_of_a_launch_finds_the_instance_and_launches_no_duplicate(moto, make_config):
     import botocore.exceptions
 
-    with EC2FaultProxy(moto["endpoint"]) as proxy:
-        os.environ["AWS_ENDPOINT_URL"] = proxy.url
-        try:
-            # EC2 launched it, and the answer never came back (the service was killed, or the connection).
-            proxy.reset("RunInstances", nth=1, forward=True)
+    with faults(moto) as proxy:
+        # EC2 launched it, and the answer never came back (the service was killed, or the connection).
+        proxy.reset("RunInstances", nth=1, forward=True)
 
-            async def scenario():
-                async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
-                    config = make_config(scheduler.address)
-                    await cluster.scale(2)
-                    with pytest.raises(botocore.exceptions.BotoCoreError):
-                        await Autoscaler(config).tick()
-                    restarted = Autoscaler(config)
-                    await restarted.tick()
-                    await restarted.tick()
-                    return restarted
+        async def scenario():
+            async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
+                config = make_config(scheduler.address)
+                await cluster.scale(2)
+                with pytest.raises(botocore.exceptions.BotoCoreError):
+                    await Autoscaler(config).tick()
+                restarted = Autoscaler(config)
+                await restarted.tick()
+                await restarted.tick()
+                return restarted
 
-            restarted = asyncio.run(scenario())
-        finally:
-            os.environ["AWS_ENDPOINT_URL"] = moto["endpoint"]
+        restarted = asyncio.run(scenario())
     instances = live(moto)
     assert len(instances) == 1, "no duplicate: the instance launched before the restart was found by its tag"
     assert restarted.state.launches[tags(instances[0])[LAUNCH_TAG]]["instance_id"] == instances[0]["InstanceId"]
@@ -268,14 +272,7 @@ def csr_for(tmp_path: Path, name: str) -> str:
 
 
 def test_enrollment_signs_once_for_the_launched_instance_from_its_own_address(moto, make_config, issuing, tmp_path):
-    async def scenario():
-        async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
-            autoscaler = Autoscaler(make_config(scheduler.address))
-            await cluster.scale(3)
-            await autoscaler.tick()
-            return autoscaler
-
-    autoscaler = asyncio.run(scenario())
+    autoscaler = asyncio.run(scaled_once(make_config, 3))
     first, second = sorted(autoscaler.instances.values(), key=lambda i: i["InstanceId"])
     user_data = base64.b64decode(moto["ec2"].describe_instance_attribute(
         InstanceId=first["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()

@@ -119,7 +119,6 @@ class Cluster(_DaskCluster):
         self.security = security or Security()
         self._scaling = dict(scaling if scaling is not None else config.get("scaling", {}))
         self._dashboard_link = dashboard_link
-        self._requested: int | None = None
         self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
         if not self.asynchronous:
             self._loop_runner.start()
@@ -215,9 +214,9 @@ class Cluster(_DaskCluster):
         self._check_provider("Scaling from Python")
         if n is None or memory is not None or cores is not None:
             raise ScalingError("Give the number of workers: cluster.scale(n) (memory= and cores= are not supported).")
-        self._requested = self._clamp(int(n))
+        n = self._clamp(int(n))
         if self.limits["autoscaler"]:
-            return self.sync(self._ask, {"mode": "fixed", "n": self._requested})
+            return self.sync(self._ask, {"mode": "fixed", "n": n})
         return None
 
     async def _ask(self, request: dict) -> None:
@@ -238,11 +237,9 @@ class Cluster(_DaskCluster):
                 f"This cluster has a fixed size of {self.limits['workers']} workers (worker_count), which only "
                 f"site.yml changes: adapt() keeps it at that size. To resize it: {self._fixed_size_hint()}.",
                 ScalingWarning, stacklevel=2)
-            self._requested = self.limits["workers"]
             return None
         low = self._clamp(self.limits["minimum"] if minimum is None else int(minimum))
         high = self._clamp(self.limits["maximum"] if maximum is None else int(maximum))
-        self._requested = max(low, min(high, len(self.scheduler_info["workers"])))
         options = {k: kwargs[k] for k in ("target_duration", "wait_count") if k in kwargs}
         sent = self.sync(self._ask, {"mode": "adaptive", "minimum": low, "maximum": high, **options})
         if self.asynchronous:
