@@ -340,3 +340,36 @@ def test_adaptive_grows_for_a_queued_graph_and_shrinks_back_after_the_wait_count
     assert len(grown) == 2 and most == 2, "grew to the maximum, never beyond it"
     assert sizes[0] == 2, "the first decision to shrink waits (wait_count 2)"
     assert sizes[-1] == 0 and live(moto) == []
+
+
+def test_the_settings_start_it_adaptive_a_notebooks_request_holds_over_a_restart_and_changed_settings_win(
+        moto, make_config):
+    """adaptive=true (site.yml): it starts adaptive within [scale_minimum, scale_maximum]; cluster.scale(n) then
+    holds over a restart of the service; site.yml changing the settings applies them again; cluster.adapt() with
+    no minimum takes scale_minimum from the autoscaler (a kernel is not told it)."""
+    async def scenario():
+        async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
+            adaptive = make_config(scheduler.address, initial={"mode": "adaptive", "minimum": 2, "maximum": 3},
+                                   minimum=2)
+            first = Autoscaler(adaptive)
+            await first.read_request()
+            seen = {"settings": (first.mode, first.minimum, first.maximum)}
+            await cluster.scale(3)
+            restarted = Autoscaler(adaptive)
+            await restarted.read_request()
+            seen["restart"] = (restarted.mode, restarted.requested_n)
+            changed = Autoscaler(make_config(scheduler.address, initial={"mode": "fixed", "n": 1}, minimum=2))
+            await changed.tick()
+            seen["changed"] = (changed.mode, changed.requested_n)
+            await cluster._read_scheduler()
+            request = cluster.adapt(maximum=3)
+            await asyncio.sleep(0.1)
+            seen["adapt"] = (request.minimum, await cluster.scheduler_comm.get_metadata(
+                keys=["dask-ec2-ansible", "request"]))
+            return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["settings"] == ("adaptive", 2, 3)
+    assert seen["restart"] == ("fixed", 3), "a restart keeps what the notebook asked"
+    assert seen["changed"] == ("fixed", 1), "changed settings win over the notebook's request"
+    assert seen["adapt"] == (2, {"mode": "adaptive", "minimum": 2, "maximum": 3})

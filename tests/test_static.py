@@ -148,6 +148,11 @@ def test_os_family_tables_agree():
 BAD_INPUTS = [
     (["-e", "worker_count=0"], "worker_count must be a whole number of at least 1"),
     (["-e", "worker_count=two"], "worker_count"),
+    (["-e", "scale_minimum=5"], "scale_minimum must be a whole number from worker_count (2"),
+    (["-e", "adaptive=true"], "adaptive=true needs an autoscaler"),
+    (["-e", "adaptive_interval=0s"], "adaptive_interval must be a duration above 0"),
+    (["-e", "adaptive_target_duration=soon"], "adaptive_target_duration must be a duration"),
+    (["-e", "adaptive_wait_count=0"], "adaptive_wait_count must be a whole number of at least 1"),
     (["-e", "cluster_name=My_Cluster"], "cluster_name 'My_Cluster' is not usable"),
     (["-e", "worker_memory_limit=lots"], "worker_memory_limit must be"),
     (["-e", "dask_version=2025.1.0"], "older than 2026.6.0"),

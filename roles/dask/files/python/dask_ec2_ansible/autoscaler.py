@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import boto3
 import botocore.config
 import botocore.exceptions
+from dask.utils import parse_timedelta
 from distributed.core import rpc
 from distributed.deploy.adaptive_core import AdaptiveCore
 from distributed.security import Security
@@ -69,12 +70,14 @@ class State:
         except (OSError, ValueError):
             data = {}
         self.request: dict | None = data.get("request")
+        # The settings' request (site.yml's) this service last applied: a changed one is applied again.
+        self.initial: dict | None = data.get("initial")
         self.launches: dict[str, dict] = data.get("launches", {})
 
     def save(self) -> None:
         fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
         with os.fdopen(fd, "w") as out:
-            json.dump({"request": self.request, "launches": self.launches}, out, indent=2)
+            json.dump({"request": self.request, "initial": self.initial, "launches": self.launches}, out, indent=2)
         os.replace(name, self.path)
 
 
@@ -83,6 +86,10 @@ class Autoscaler(AdaptiveCore):
         self.config = config
         self.fixed = list(config["fixed_workers"])
         self.limits = {"minimum": len(self.fixed), "maximum": int(config["maximum"])}
+        # cluster.adapt()'s minimum when it names none (scale_minimum).
+        self.limits["scale_minimum"] = min(max(int(config.get("minimum", 0)), self.limits["minimum"]),
+                                           self.limits["maximum"])
+        self.interval = parse_timedelta(config["interval"], default="seconds")
         super().__init__(minimum=self.limits["minimum"], maximum=self.limits["maximum"], wait_count=1)
         self.state = State(pathlib.Path(config["state_dir"]) / "state.json")
         self.ec2 = boto3.client("ec2", region_name=config["region"], config=botocore.config.Config(**READ_RETRIES))
@@ -231,19 +238,33 @@ class Autoscaler(AdaptiveCore):
         self.terminate(late, f"never joined within {bound} s")
 
     # ---- the loop ----
+    def initial_request(self) -> dict:
+        """What the settings ask for (site.yml's): a size, or adaptive within limits."""
+        initial = self.config["initial"]
+        return dict(initial) if isinstance(initial, dict) else {"mode": "fixed", "n": int(initial)}
+
     async def read_request(self) -> None:
+        initial = self.initial_request()
         request = await self.scheduler.get_metadata(keys=REQUEST_KEY, default=None)
-        if request is None:
-            # A scheduler started again: what was asked before.
-            request = self.state.request or {"mode": "fixed", "n": int(self.config["initial"])}
+        if self.state.initial is not None and initial != self.state.initial:
+            # site.yml changed the settings: they win over what a notebook asked before.
+            logger.info("the settings changed: %s", initial)
+            request = initial
             await self.scheduler.set_metadata(keys=REQUEST_KEY, value=request)
+        elif request is None:
+            # A first start, or a scheduler started again: what was asked before, else the settings.
+            request = self.state.request or initial
+            await self.scheduler.set_metadata(keys=REQUEST_KEY, value=request)
+        if initial != self.state.initial:
+            self.state.initial = initial
+            self.state.save()
         if request != self.state.request:
             self.state.request = request
             self.state.save()
             logger.info("asked: %s", request)
         self.mode = request.get("mode", "fixed")
         if self.mode == "adaptive":
-            self.minimum = max(self.limits["minimum"], int(request.get("minimum", self.limits["minimum"])))
+            self.minimum = max(self.limits["minimum"], int(request.get("minimum", self.limits["scale_minimum"])))
             self.maximum = min(self.limits["maximum"], int(request.get("maximum", self.limits["maximum"])))
             self.wait_count = int(request.get("wait_count", self.config["wait_count"]))
             self.adaptive_options = request
@@ -260,7 +281,8 @@ class Autoscaler(AdaptiveCore):
         await self.adapt()
         await self.scheduler.set_metadata(keys=STATUS_KEY, value={
             "mode": self.mode, "workers": len(self.workers), "instances": sorted(self.instances),
-            "fixed": self.fixed, "minimum": self.minimum, "maximum": self.maximum, "error": self.last_error,
+            "fixed": self.fixed, "minimum": self.minimum, "maximum": self.maximum, "limits": self.limits,
+            "error": self.last_error,
             "time": time.time()})
 
     async def run(self) -> None:
@@ -273,7 +295,7 @@ class Autoscaler(AdaptiveCore):
                 logger.warning("EC2 does not answer (%s); trying again", error)
             except botocore.exceptions.ClientError as error:
                 logger.error("EC2 refused: %s", error)
-            await asyncio.sleep(self.config["interval"])
+            await asyncio.sleep(self.interval)
 
     # ---- enrollment ----
     def enroll(self, instance_id: str, token: str, csr: str, address: str) -> str:

@@ -119,6 +119,8 @@ class Cluster(_DaskCluster):
         self.security = security or Security()
         self._scaling = dict(scaling if scaling is not None else config.get("scaling", {}))
         self._dashboard_link = dashboard_link
+        # What the autoscaler last said (its mode and limits), followed with the scheduler.
+        self._autoscaler_said: dict | None = None
         self.scheduler_comm = rpc(address, connection_args=self.security.get_connection_args("client"))
         if not self.asynchronous:
             self._loop_runner.start()
@@ -141,7 +143,7 @@ class Cluster(_DaskCluster):
     async def _start(self) -> None:
         # Not distributed's worker-status subscription: the scheduler keeps one per name, so a second
         # cluster object (the Lab's Dask panel beside a kernel's) would silence the first. A poll instead.
-        self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity(n_workers=-1))
+        await self._read_scheduler()
         self._sync_cluster_info_task = asyncio.ensure_future(self._follow_scheduler())
         self.status = Status.running
 
@@ -149,7 +151,12 @@ class Cluster(_DaskCluster):
         while self.status == Status.running:
             await asyncio.sleep(self._sync_interval)
             with contextlib.suppress(OSError, asyncio.TimeoutError):
-                self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity(n_workers=-1))
+                await self._read_scheduler()
+
+    async def _read_scheduler(self) -> None:
+        self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity(n_workers=-1))
+        if self._scaling.get("autoscaler"):
+            self._autoscaler_said = await self.scheduler_comm.get_metadata(keys=STATUS_KEY, default=None)
 
     def _repr_html_(self, cluster_status: str | None = None) -> str:
         return super()._repr_html_(cluster_status=cluster_status or self._scaling_status())
@@ -203,10 +210,14 @@ class Cluster(_DaskCluster):
                 f"Asked for {n} workers; this cluster has a fixed size of {workers} (worker_count), which only site.yml "
                 f"changes: it stays at {workers}. To resize it: {self._fixed_size_hint()}.", ScalingWarning, stacklevel=3)
             return workers
-        bound, setting, more = (high, "scale_maximum", "more") if n > high else (low, "scale_minimum", "fewer")
-        warnings.warn(
-            f"Asked for {n} workers; this cluster's {setting} is {bound}: scaling to {bound}. To allow {more}, "
-            f"run site.yml again with -e {setting}=N.", ScalingWarning, stacklevel=3)
+        if n > high:
+            advice = f"this cluster's scale_maximum is {high}: scaling to {high}. To allow more, run site.yml again " \
+                     "with -e scale_maximum=N."
+        else:
+            advice = f"this cluster always has its {low} workers of worker_count: scaling to {low}. To allow fewer, " \
+                     "run site.yml again with -e worker_count=N (at least 1)."
+        warnings.warn(f"Asked for {n} workers; {advice}", ScalingWarning, stacklevel=3)
+        bound = high if n > high else low
         return bound
 
     def scale(self, n: int | None = None, memory: str | None = None, cores: int | None = None) -> None:
@@ -238,7 +249,7 @@ class Cluster(_DaskCluster):
                 f"site.yml changes: adapt() keeps it at that size. To resize it: {self._fixed_size_hint()}.",
                 ScalingWarning, stacklevel=2)
             return None
-        low = self._clamp(self.limits["minimum"] if minimum is None else int(minimum))
+        low = self._clamp(self._scale_minimum() if minimum is None else int(minimum))
         high = self._clamp(self.limits["maximum"] if maximum is None else int(maximum))
         options = {k: kwargs[k] for k in ("target_duration", "wait_count") if k in kwargs}
         sent = self.sync(self._ask, {"mode": "adaptive", "minimum": low, "maximum": high, **options})
@@ -247,11 +258,18 @@ class Cluster(_DaskCluster):
             self._adapt_request_task = asyncio.ensure_future(sent)
         return AdaptiveRequest(low, high)
 
+    def _scale_minimum(self) -> int:
+        # scale_minimum: from the autoscaler (a kernel is not told it), or from cluster.json.
+        said = (self._autoscaler_said or {}).get("limits") or {}
+        return int(said.get("scale_minimum", self._scaling.get("scale_minimum", self.limits["minimum"])))
+
     def _scaling_status(self) -> str:
         workers = len(self.scheduler_info["workers"])
         limits = self.limits
+        mode_now = (self._autoscaler_said or {}).get("mode")
+        adaptive = mode_now == "adaptive" if mode_now else limits["adaptive"]
         mode = "Fixed size" if limits["minimum"] == limits["maximum"] else (
-            "Adaptive" if limits["adaptive"] else "Manual")
+            "Adaptive" if adaptive else "Manual")
         return (
             "<table>"
             f'<tr><td style="text-align: left;">Scaling mode: {mode} ({limits["provider"] or "?"} provider)</td></tr>'
