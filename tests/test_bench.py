@@ -149,3 +149,16 @@ def test_the_emulators_targets_stand_beside_dockers_and_fail_on_their_own(bench)
     assert "- 2 workers: first run to ready 200.0 s, no-change re-run 50.0 s (changed=0)" in text
     assert "| EC2 emulator: no-change re-run / first run (2 workers) | 0.25 | <= 0.2 | FAIL |" in text
     json.dumps(result)
+
+
+def test_the_time_from_scale_to_joined_workers_is_reported_for_the_emulator(bench):
+    docker = bench.summarize(samples([100.0] * 3, [150.0] * 3, [15.0] * 3, [10.0] * 3, [60.0] * 3), {}, ARGS)
+    aws_samples = dict(samples([200.0] * 3, [], [50.0] * 3, [], []), first={2: [200.0] * 3}, rerun={2: [50.0] * 3},
+                       rerun_changed={2: [0, 0, 0]}, python_scale=[12.0, 9.0, 30.0])
+    result = bench.combine(docker, bench.summarize(aws_samples, {}, ARGS))
+    assert result["aws"]["median_seconds"]["scale_from_python_1_to_3"] == 12.0
+    assert docker["median_seconds"]["scale_from_python_1_to_3"] is None
+    text = bench.table(result)
+    assert "- Scale from Python, `Cluster.scale(3)` on 1 worker (scale_maximum 3, baked AMI) to 3 workers joined: " \
+           "12.0 s (the emulator's machines are containers" in text
+    assert "Scale from Python" not in bench.table(docker)
