@@ -714,3 +714,97 @@ def test_iam_policy_suffices_under_moto_iam_enforcement(tmp_path):
         for during in (provision_log, log.read_text()[start:]):
             assert " 403 " not in during and " 401 " not in during, during
         assert refused(lambda: client("iam").create_user(UserName="intruder")) == "AccessDenied"
+
+
+def test_the_shipped_policy_makes_the_autoscalers_role_and_that_role_suffices_for_it_under_moto_iam_enforcement(
+        tmp_path, monkeypatch):
+    """scale_maximum above worker_count: provision.yml, as a user whose one policy is the shipped one, makes the
+    scheduler's role and instance profile within the autoscaler's boundary, and teardown.yml removes them. A
+    session of that role (what the scheduler's metadata service hands out) then launches, finds, names and
+    terminates a worker with the autoscaler's own code. moto checks actions, not ARNs or conditions (see
+    as_moto_evaluates): the role's policy, as provision.yml made it, is put back by the user with every Resource
+    "*" (which the shipped policy allows); what its ARNs and conditions allow is tests/test_iam.py's."""
+    from dask_ec2_ansible.autoscaler import AUTOSCALED_TAG, Autoscaler
+
+    cluster = "awsscaleiam"
+    shipped = as_moto_evaluates(json.loads((ROOT / "iam" / "dask-ec2-ansible-policy.json").read_text()))
+    # 2 boundaries, 4 requests for the user, a session of the autoscaler's role.
+    with moto_server(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="7") as endpoint:
+        root = boto3.client("iam", region_name=REGION, endpoint_url=endpoint,
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        boundaries = {}
+        for kind in ("machines", "autoscaler"):
+            boundaries[kind] = root.create_policy(
+                PolicyName=f"dask-ec2-ansible-{kind}-boundary", Path="/dask-ec2-ansible/",
+                PolicyDocument=(ROOT / "iam" / f"dask-ec2-ansible-{kind}-boundary.json").read_text())["Policy"]["Arn"]
+        root.create_user(UserName="dask-user")
+        root.attach_user_policy(UserName="dask-user", PolicyArn=root.create_policy(
+            PolicyName="dask-user", PolicyDocument=json.dumps(shipped))["Policy"]["Arn"])
+        key = root.create_access_key(UserName="dask-user")["AccessKey"]
+        env = aws_env(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        name = f"dask-{cluster}-{REGION}-autoscaler"
+        session = boto3.client("sts", region_name=REGION, endpoint_url=endpoint, aws_access_key_id="testing",
+                               aws_secret_access_key="testing").assume_role(
+            RoleArn=f"arn:aws:iam::123456789012:role/dask-ec2-ansible/{name}",
+            RoleSessionName="i-0scheduler")["Credentials"]
+        assert refused(lambda: root.list_users()) == "InvalidClientTokenId"
+
+        log = tmp_path / "moto.log"
+        start = len(log.read_text())
+        provision(env, "-e", "worker_count=1", "-e", "scale_maximum=2", "-e", f"ami_id={NEWEST_DEBIAN13_AMD64}",
+                  cluster=cluster, name="aws-scale-iam-provision")
+        iam = boto3.client("iam", region_name=REGION, endpoint_url=endpoint,
+                           aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+        role = iam.get_role(RoleName=name)["Role"]
+        assert role["Path"] == "/dask-ec2-ansible/"
+        assert role["PermissionsBoundary"]["PermissionsBoundaryArn"] == boundaries["autoscaler"]
+        found = instances(env, cluster)
+        assert found["dask-awsscaleiam-scheduler"]["IamInstanceProfile"]["Arn"].endswith(f"/dask-ec2-ansible/{name}")
+        assert "IamInstanceProfile" not in found["dask-awsscaleiam-worker-1"]
+        (policy,) = iam.list_role_policies(RoleName=name)["PolicyNames"]
+        document = iam.get_role_policy(RoleName=name, PolicyName=policy)["PolicyDocument"]
+        iam.put_role_policy(RoleName=name, PolicyName=policy, PolicyDocument=json.dumps(as_moto_evaluates(document)))
+        playbooks_log = log.read_text()[start:]
+
+        # The autoscaler, with the role's session: what it calls to start and stop a worker.
+        start = len(log.read_text())
+        for variable, value in (("AWS_ACCESS_KEY_ID", session["AccessKeyId"]),
+                                ("AWS_SECRET_ACCESS_KEY", session["SecretAccessKey"]),
+                                ("AWS_SESSION_TOKEN", session["SessionToken"]), ("AWS_ENDPOINT_URL", endpoint),
+                                ("AWS_EC2_METADATA_DISABLED", "true")):
+            monkeypatch.setenv(variable, value)
+        launch = json.loads((ROOT / ".clusters" / cluster / "worker-launch.json").read_text())
+        autoscaler = Autoscaler({
+            "scheduler_address": "tcp://127.0.0.1:9", "tls": None, "region": REGION, "state_dir": str(tmp_path),
+            "fixed_workers": ["dask-awsscaleiam-worker-1"], "maximum": 2, "initial": 1, "minimum": 1,
+            "cluster_tags": launch["cluster_tags"], "instance_tags": launch["instance_tags"],
+            "name_prefix": launch["name_prefix"], "subnet_ids": launch["subnet_ids"],
+            "run_instances": launch["run_instances"], "user_data": "#cloud-config\n", "interval": "5s",
+            "join_timeout": 600, "quota_backoff": 300, "target_duration": "3m", "wait_count": 24})
+        assert autoscaler.launch(), autoscaler.last_error
+        autoscaler.refresh()
+        (worker,) = autoscaler.instances
+        tagged = {t["Key"]: t["Value"] for t in autoscaler.instances[worker]["Tags"]}
+        assert tagged[AUTOSCALED_TAG] == "true" and tagged["Name"] == f"dask-{cluster}-worker-{worker}"
+        autoscaler.terminate([worker], "the test is done")
+        autoscaler.refresh()
+        assert autoscaler.instances == {}
+        role_log = log.read_text()[start:]
+        # The role's session may not do what the autoscaler does not need.
+        role_iam = boto3.client("iam", region_name=REGION, endpoint_url=endpoint,
+                                aws_access_key_id=session["AccessKeyId"],
+                                aws_secret_access_key=session["SecretAccessKey"],
+                                aws_session_token=session["SessionToken"])
+        assert refused(lambda: role_iam.create_user(UserName="intruder")) == "AccessDenied"
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(variable)
+
+        start = len(log.read_text())
+        run_playbook("teardown.yml", "-e", "provider=aws", "-e", f"cluster_name={cluster}", "-e", "save_work=false",
+                     env=env, name="aws-scale-iam-teardown")
+        assert leftovers(env, cluster) == nothing_left(env, cluster)
+        assert refused(lambda: iam.get_role(RoleName=name)) == "NoSuchEntity"
+        assert refused(lambda: iam.get_instance_profile(InstanceProfileName=name)) == "NoSuchEntity"
+        # Not one request of the playbooks or of the autoscaler was refused.
+        for during in (playbooks_log, role_log, log.read_text()[start:]):
+            assert " 403 " not in during and " 401 " not in during, during
