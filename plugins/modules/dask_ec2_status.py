@@ -41,6 +41,12 @@ options:
     description: Ask the Price List API first; false uses the table only.
     type: bool
     default: true
+  clusters_dir:
+    description:
+      - Where the clusters made on this machine keep their state (C(.clusters)); the scaling limits and the
+        starting mode in each one's C(cluster.json) are reported beside what EC2 says. Empty reads none.
+    type: path
+    default: ""
 extends_documentation_fragment:
   - amazon.aws.common.modules
   - amazon.aws.region.modules
@@ -66,6 +72,9 @@ clusters:
     - One entry per cluster and region, sorted by region and name.
     - C(s3_buckets) holds the C(read) and C(write) locations of its own role (empty lists without
       one), null when IAM did not answer.
+    - C(autoscaled_workers) counts the running workers its autoscaler started; C(scaling) holds the C(minimum),
+      C(maximum) and starting C(mode) (fixed, manual or adaptive) from its cluster.json in O(clusters_dir), null
+      when it is not there.
   type: list
   elements: dict
   returned: always
@@ -104,6 +113,7 @@ table:
 import concurrent.futures
 import datetime
 import json
+import os
 import urllib.parse
 
 try:
@@ -180,6 +190,7 @@ def _clusters(region, found, book, me, now):
     for name, members in sorted(by_name.items()):
         types, roles, by_role, states, owners, user_tags = {}, {}, {}, {}, set(), {}
         hourly, so_far, sources, missing, spot, launched, gib = 0.0, 0.0, set(), [], 0, None, 0
+        autoscaled = 0
         fallback = []
         storage, storage_source = book.storage_gib_hour(region)
         for inst, tags in members:
@@ -190,6 +201,8 @@ def _clusters(region, found, book, me, now):
             by_role.setdefault(role, {}).setdefault(itype, 0)
             by_role[role][itype] += 1
             states[state] = states.get(state, 0) + 1
+            if tags.get(PREFIX + "autoscaled") == "true" and state in ("pending", "running"):
+                autoscaled += 1
             owners.add(tags.get(PREFIX + "owner", ""))
             if role == "scheduler" or not user_tags:
                 user_tags = {k: v for k, v in tags.items() if not k.startswith(PREFIX) and k != "Name"}
@@ -221,6 +234,7 @@ def _clusters(region, found, book, me, now):
             "mine": bool(me) and owners_list == [me],
             "tags": user_tags,
             "instances": roles, "instance_types": types, "machines": by_role, "states": states, "spot_instances": spot,
+            "autoscaled_workers": autoscaled,
             "on_demand_fallback": sorted(fallback),
             "volumes_gib": gib,
             "monthly_storage_usd": None if storage is None else round(gib * storage * HOURS_PER_MONTH, 2),
@@ -313,6 +327,32 @@ def _buckets(iam, cluster, region):
     return reach
 
 
+def _scaling(clusters_dir, name):
+    """The limits and starting mode a cluster made on this machine has (its cluster.json), or None."""
+    if not clusters_dir:
+        return None
+    try:
+        with open(os.path.join(clusters_dir, name, "cluster.json")) as handle:
+            info = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    scaling = info.get("scaling") or {}
+    if info.get("provider") != "aws" or not scaling:
+        return None
+    minimum = int(scaling.get("minimum", info.get("workers", 0)))
+    return {"minimum": minimum, "maximum": int(scaling.get("maximum", minimum)),
+            "mode": ("adaptive" if scaling.get("adaptive") else "manual") if scaling.get("autoscaler") else "fixed"}
+
+
+def _scaling_cell(c):
+    """SCALING: the limits and starting mode from cluster.json (when it is on this machine), and the workers
+    the autoscaler runs now (from EC2)."""
+    scaling, autoscaled = c.get("scaling"), c.get("autoscaled_workers", 0)
+    cell = "?" if scaling is None else (
+        "fixed" if scaling["mode"] == "fixed" else f"{scaling['mode']} {scaling['minimum']}-{scaling['maximum']}")
+    return cell + (f", {autoscaled} autoscaled" if autoscaled else "")
+
+
 def _report(clusters, leftovers, errors, regions, book, me):
     lines = [f"Looked in {len(regions)} region(s): {', '.join(regions)}."]
     if clusters:
@@ -324,11 +364,14 @@ def _report(clusters, leftovers, errors, regions, book, me):
             capacity = ([f"{c['spot_instances']} spot"] if c["spot_instances"] else []) + (
                 [f"on demand, spot refused: {', '.join(c['on_demand_fallback'])}"] if c["on_demand_fallback"] else [])
             rows.append([c["name"], c["region"], machines + (f" ({'; '.join(capacity)})" if capacity else ""),
-                         states, _age(c["age_hours"]), ", ".join(_short_owner(o, me) for o in c["owners"]),
+                         _scaling_cell(c), states, _age(c["age_hours"]), ", ".join(_short_owner(o, me) for o in c["owners"]),
                          ",".join(f"{k}={v}" for k, v in sorted(c["tags"].items())) or "-",
                          _money(c["hourly_usd"], 4), _money(c["cost_so_far_usd"], 2)])
         lines += ["", f"Clusters ({len(clusters)}):"]
-        lines += _table(rows, ["CLUSTER", "REGION", "MACHINES", "STATE", "AGE", "OWNER", "TAGS", "USD/HOUR", "USD SO FAR"])
+        lines += _table(rows, ["CLUSTER", "REGION", "MACHINES", "SCALING", "STATE", "AGE", "OWNER", "TAGS", "USD/HOUR",
+                               "USD SO FAR"])
+        if any(c.get("scaling") is None for c in clusters):
+            lines.append("SCALING ?: the cluster was not made from this machine (no .clusters/NAME/cluster.json here).")
         for c in clusters:
             if c["stopped"]:
                 lines.append(f"Stopped: {c['name']} ({c['region']}) keeps {c['volumes_gib']} GiB of disk with its notebooks,"
@@ -378,6 +421,7 @@ def main():
             owner=dict(type="str", default=""),
             price_table=dict(type="dict", required=True),
             price_list_api=dict(type="bool", default=True),
+            clusters_dir=dict(type="path", default=""),
         ),
         supports_check_mode=True,
     )
@@ -408,6 +452,7 @@ def main():
     iam = module.client("iam", config=READ_RETRIES) if clusters else None
     for c in clusters:
         c["s3_buckets"] = _buckets(iam, c["name"], c["region"])
+        c["scaling"] = _scaling(module.params["clusters_dir"], c["name"])
         leftovers += _leftovers(region, found[region], {c["name"] for c in region_clusters}, book, me, now)
     module.exit_json(
         changed=False, owner=me, generated=now.isoformat(), clusters=clusters, leftovers=leftovers, mine=mine, errors=errors, regions=regions,
