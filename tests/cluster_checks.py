@@ -5,6 +5,7 @@ site.yml run's output says a task did."""
 from __future__ import annotations
 
 import base64
+import os
 import json
 import re
 import subprocess
@@ -282,3 +283,46 @@ def logged_line(cluster: str, text: str, *args: str, env: dict | None = None, ti
             assert lines, f"{text!r} not in make logs {' '.join(args)}:\n{run.stdout[-3000:]}"
             return lines[0]
         time.sleep(1)
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+@contextmanager
+def chromium_page(info, home: Path, ca_name: str):
+    """Headless Chromium (the distribution's, driven by Playwright) that trusts the cluster's CA the way a user
+    imports it: into the NSS database Chromium reads from $HOME/.pki/nssdb. No certificate error is ignored."""
+    import shutil
+
+    if not (Path(CHROMIUM).is_file() and shutil.which("certutil")):
+        raise AssertionError(f"no Chromium at {CHROMIUM} or no certutil: run scripts/ensure-test-tools (make test does)")
+    from playwright.sync_api import sync_playwright
+
+    nssdb = f"sql:{home}/.pki/nssdb"
+    (home / ".pki" / "nssdb").mkdir(parents=True)
+    subprocess.run(["certutil", "-d", nssdb, "-N", "--empty-password"], check=True)
+    subprocess.run(["certutil", "-d", nssdb, "-A", "-t", "C,,", "-n", ca_name, "-i", info["jupyter_ca_file"]],
+                   check=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            # Chromium's sandbox refuses to run as root.
+            args=["--no-sandbox"] if os.geteuid() == 0 else [],
+            env={**os.environ, "HOME": str(home)},
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def log_in_to_lab(page, info) -> None:
+    """The login page, the way a user gets there (the URL from the summary), and the token."""
+    page.goto(info["jupyter_url"])
+    assert "/login" in page.url
+    page.fill("#password_input", Path(info["jupyter_token_file"]).read_text().strip())
+    page.click("#login_submit")
+    page.wait_for_selector(".jp-LabShell")
+    assert page.url.startswith(info["jupyter_url"])

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_checks import (client_for, jupyter_get, kernel_on_the_cluster, log_on_worker, logged_line, make_logs,
-                            printed_connect_lines, run_in_kernel, run_pasted_lines, save_file, save_notebook,
-                            security_for, task_results, wait_for_workers)
+from cluster_checks import (chromium_page, client_for, jupyter_get, kernel_on_the_cluster, log_in_to_lab,
+                            log_on_worker, logged_line, make_logs, printed_connect_lines, run_in_kernel,
+                            run_pasted_lines, save_file, save_notebook, security_for, task_results, wait_for_workers)
 from conftest import ARTIFACTS, ROOT, docker_available, docker_exec, docker_objects, extra_ca_args, run_playbook
 
 pytestmark = [
@@ -375,7 +375,6 @@ def test_project_repository_is_cloned_and_is_a_kernel(cluster, project_repo):
 
 # ---- Jupyter Lab in a real browser: the distribution's Chromium driven by Playwright ----
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 NOTEBOOK = "getting-started.ipynb"
 PANELS = {"Task Stream": "individual-task-stream", "Progress": "individual-progress",
           "Workers Memory": "individual-workers-memory"}
@@ -407,34 +406,11 @@ BOKEH_STATE_JS = """() => {
 
 @pytest.fixture(scope="module")
 def lab(cluster, tmp_path_factory):
-    """A logged-in Jupyter Lab page in headless Chromium that trusts the cluster's CA."""
-    if not (Path(CHROMIUM).is_file() and shutil.which("certutil")):
-        pytest.fail(f"no Chromium at {CHROMIUM} or no certutil: run scripts/ensure-test-tools (make test does)")
-    from playwright.sync_api import sync_playwright
-
+    """A Jupyter Lab page in headless Chromium that trusts the cluster's CA (logged in by the first test)."""
     info = cluster["info"]
-    # Trust the cluster's CA the way a user imports it: into the NSS database
-    # Chromium reads from $HOME/.pki/nssdb. No certificate error is ignored.
-    home = tmp_path_factory.mktemp("chromium-home")
-    nssdb = f"sql:{home}/.pki/nssdb"
-    (home / ".pki" / "nssdb").mkdir(parents=True)
-    subprocess.run(["certutil", "-d", nssdb, "-N", "--empty-password"], check=True)
-    subprocess.run(["certutil", "-d", nssdb, "-A", "-t", "C,,", "-n", f"dask-{CLUSTER} CA",
-                    "-i", info["jupyter_ca_file"]], check=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            # Chromium's sandbox refuses to run as root.
-            args=["--no-sandbox"] if os.geteuid() == 0 else [],
-            env={**os.environ, "HOME": str(home)},
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(60_000)
-            yield {"page": page, "info": info, "base": info["jupyter_url"].removesuffix("/lab")}
-        finally:
-            browser.close()
+    with chromium_page(info, tmp_path_factory.mktemp("chromium-home"), f"dask-{CLUSTER} CA") as page:
+        yield {"page": page, "info": info, "base": info["jupyter_url"].removesuffix("/lab")}
 
 
 def run_all_cells(page, timeout_ms: int = 300_000):
@@ -457,15 +433,7 @@ def test_browser_logs_in_and_runs_the_getting_started_notebook(lab):
     import dask.datasets
 
     page, info, base = lab["page"], lab["info"], lab["base"]
-    token = Path(info["jupyter_token_file"]).read_text().strip()
-    # The login page, the way a user gets there: the URL from the summary.
-    page.goto(info["jupyter_url"])
-    assert "/login" in page.url
-    page.fill("#password_input", token)
-    page.screenshot(path=ARTIFACTS / "jupyterlab-login.png")
-    page.click("#login_submit")
-    page.wait_for_selector(".jp-LabShell")
-    assert page.url.startswith(info["jupyter_url"])
+    log_in_to_lab(page, info)
     # The notebook the toolkit put there, in a fresh workspace (no restored layout).
     page.goto(f"{base}/lab/workspaces/citest-{uuid.uuid4().hex[:8]}/tree/{NOTEBOOK}")
     page.wait_for_selector(".jp-Notebook .jp-CodeCell")

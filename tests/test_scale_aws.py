@@ -1,9 +1,10 @@
 """Scaling from Python on the EC2 emulator, with no controller process running while the cluster scales:
 scale_maximum above worker_count starts an autoscaler on the scheduler's machine (its own user and instance
-profile); Cluster.scale(n) from this machine (cluster.json) asks the scheduler, the autoscaler launches the
+profile); in a Jupyter kernel of the cluster, Cluster().scale(n) asks the scheduler, the autoscaler launches the
 workers from the baked image, cloud-init boots them, each enrolls for a certificate of its own and joins;
-Cluster.scale(1) retires them through the scheduler with every result kept, and they are terminated.
-teardown.yml then leaves no instance and no role.
+scale(1) retires them through the scheduler with every result kept, and they are terminated. From this machine,
+Cluster.from_file(cluster.json) scales the same cluster, and a second site.yml changes nothing and leaves the
+autoscaler's workers alone. teardown.yml then leaves no instance and no role.
 
 Its own emulator (name and network), so that it runs beside the other emulator tests."""
 
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 
 import pytest
 
-from cluster_checks import client_for, run_in_kernel
+from cluster_checks import chromium_page, client_for, kernel_on_the_cluster, log_in_to_lab, run_in_kernel
 from emulator import running_emulator, wait_until
-from conftest import ROOT, docker_available, extra_ca_args, run_playbook
+from conftest import ARTIFACTS, ROOT, docker_available, extra_ca_args, run_playbook
 
 boto3 = pytest.importorskip("boto3")
 
@@ -94,7 +96,7 @@ def ssh(info, *command: str) -> subprocess.CompletedProcess:
 def test_the_autoscaler_runs_on_the_scheduler_as_its_own_user_with_the_clusters_profile(cluster):
     info = cluster["info"]
     assert info["scaling"] == {"provider": "aws", "workers": 1, "minimum": 1, "maximum": 3, "adaptive": False,
-                               "autoscaler": True}
+                               "autoscaler": True, "scale_minimum": 1}
     # The estimate before the launch counted the largest size (max_hourly_cost holds at it).
     assert re.search(r"2 x \S+.*workers the autoscaler may add", cluster["first"].output), cluster["first"].output[-4000:]
     state = ssh(info, "systemctl", "show", "-p", "ActiveState", "-p", "User", "dask-autoscaler.service")
@@ -109,37 +111,141 @@ def test_the_autoscaler_runs_on_the_scheduler_as_its_own_user_with_the_clusters_
     assert (STATE / "tls" / "ca.key").is_file()
 
 
-def test_scale_from_python_launches_workers_that_enroll_join_and_compute_then_scale_down_keeps_the_results(cluster):
+def autoscaled(emulator) -> list[dict]:
+    return [i for i in live(emulator) if tags(i).get("dask-ec2-ansible:autoscaled") == "true"]
+
+
+def test_scale_from_a_kernel_launches_workers_that_enroll_join_and_compute_then_scale_down_keeps_the_results(cluster):
+    """The Done-when's notebook: Cluster(), Client(cluster), scale(3), compute, scale(1) with every result kept;
+    all of it in a kernel on the cluster, this test process only watching EC2."""
+    emulator, info = cluster["emulator"], cluster["info"]
+    with kernel_on_the_cluster(info) as execute:
+        out = execute(
+            "import time\nfrom dask_ec2_ansible import Cluster\nfrom distributed import Client\n"
+            "cluster = Cluster()\nclient = Client(cluster)\nstart = time.monotonic()\ncluster.scale(3)\n"
+            "client.wait_for_workers(3, timeout=300)\nprint('joined', round(time.monotonic() - start))\n"
+            "print('computed', sum(client.gather(client.map(lambda i: i * i, range(30)))), len(client.run(lambda: 1)))\n"
+            "futures = client.scatter(list(range(100)))\n"
+            "print('spread', len({w for f in futures for w in client.who_has([f])[f.key]}))\n"
+            "print('names', sorted(w['name'] for w in client.scheduler_info()['workers'].values()))", timeout=360)
+        assert f"computed {sum(i * i for i in range(30))} 3" in out and "spread 3" in out, out
+        instances = autoscaled(emulator)
+        assert len(instances) == 2
+        ids = sorted(i["InstanceId"] for i in instances)
+        assert f"names {sorted([f'dask-{CLUSTER}-worker-1', *ids])}" in out, out
+        for instance in instances:
+            assert tags(instance)["Name"] == f"dask-{CLUSTER}-worker-{instance['InstanceId']}"
+            assert tags(instance)[CLUSTER_TAG] == CLUSTER
+            assert instance["ImageId"] == cluster["image_id"]
+        out = execute(
+            "cluster.scale(1)\ndeadline = time.monotonic() + 180\n"
+            "while len(client.scheduler_info()['workers']) > 1 and time.monotonic() < deadline:\n    time.sleep(1)\n"
+            "print('left', len(client.scheduler_info()['workers']))\n"
+            "print('kept', client.gather(futures) == list(range(100)))", timeout=240)
+        assert "left 1" in out and "kept True" in out, out
+    print(out)
+    wait_until(lambda: autoscaled(emulator) == [], 120, "the autoscaled workers terminated")
+    fixed = [i for i in live(emulator) if tags(i)["dask-ec2-ansible:role"] == "worker"]
+    assert [tags(i)["Name"] for i in fixed] == [f"dask-{CLUSTER}-worker-1"]
+
+
+def test_from_the_controller_the_same_cluster_scales_and_a_second_site_run_leaves_its_workers_alone(cluster):
+    """Cluster.from_file(cluster.json) on this machine scales the same cluster; a re-run of site.yml with the same
+    settings then changes nothing and stops none of the autoscaler's workers (it does not fight it)."""
     from dask_ec2_ansible import Cluster
 
     emulator, info = cluster["emulator"], cluster["info"]
     with Cluster.from_file(STATE / "cluster.json") as attached:
-        start = time.monotonic()
-        attached.scale(3)
-        # This test process only watches: the autoscaler on the scheduler's machine does the work.
-        wait_until(lambda: len(attached.scheduler_info["workers"]) == 3, 300, "3 workers joined")
-        joined_after = time.monotonic() - start
-        autoscaled = [i for i in live(emulator) if tags(i).get("dask-ec2-ansible:autoscaled") == "true"]
-        assert len(autoscaled) == 2
-        names = {w["name"] for w in attached.scheduler_info["workers"].values()}
-        assert names == {f"dask-{CLUSTER}-worker-1", *(i["InstanceId"] for i in autoscaled)}
-        for instance in autoscaled:
-            assert tags(instance)["Name"] == f"dask-{CLUSTER}-worker-{instance['InstanceId']}"
-            assert instance["ImageId"] == cluster["image_id"]
-        client = client_for(info)
-        try:
-            assert len(client.run(lambda: 1)) == 3
-            futures = client.scatter(list(range(100)))
-            spread = {w for f in futures for w in client.who_has([f])[f.key]}
-            assert len(spread) == 3
-            attached.scale(1)
-            wait_until(lambda: len(attached.scheduler_info["workers"]) == 1, 180, "back to 1 worker")
-            assert client.gather(futures) == list(range(100))
-            wait_until(lambda: not [i for i in live(emulator) if tags(i).get("dask-ec2-ansible:autoscaled")],
-                       120, "the autoscaled workers terminated")
-        finally:
-            client.close()
-    print(f"scale(3): 3 workers joined after {joined_after:.0f} s")
+        attached.scale(2)
+        wait_until(lambda: len(attached.scheduler_info["workers"]) == 2, 300, "2 workers joined")
+        (instance,) = autoscaled(emulator)
+        again = run_playbook("site.yml", *args(emulator, "-e", f"cluster_name={CLUSTER}", *SCALE,
+                                               "-e", f"ami_id={cluster['image_id']}"),
+                             env=emulator["env"], name="scale-aws-site-again")
+        assert again.changed == 0, again.changed_tasks()
+        assert [i["InstanceId"] for i in autoscaled(emulator)] == [instance["InstanceId"]]
+        assert len(attached.scheduler_info["workers"]) == 2
+        status = attached.autoscaler_status()
+        assert status["mode"] == "fixed" and list(status["instances"]) == [instance["InstanceId"]], status
+        # make status: the mode and limits (cluster.json here) and the autoscaler's workers (EC2).
+        shown = run_playbook("playbooks/status.yml", "-e", f"regions={REGION}", env=emulator["env"],
+                             name="scale-aws-status")
+        (row,) = [line for line in shown.output.splitlines() if f"{CLUSTER} " in line and REGION in line]
+        assert "manual 1-3, 1 autoscaled" in row, row
+        report = json.loads((ROOT / ".clusters" / "status.json").read_text())
+        (found,) = [c for c in report["clusters"] if c["name"] == CLUSTER]
+        assert found["scaling"] == {"minimum": 1, "maximum": 3, "mode": "manual"} and found["autoscaled_workers"] == 1
     # A kernel's Cluster() sees the same limits.
     out = run_in_kernel(info, "from dask_ec2_ansible import Cluster\nc = Cluster()\nprint(c.limits['maximum'])")
     assert out.strip() == "3"
+
+
+def test_adapt_from_a_kernel_grows_for_a_queued_graph_never_beyond_the_maximum_and_shrinks_back(cluster):
+    """cluster.adapt(minimum=0, maximum=4) in a kernel, then a graph of 300 sleeping tasks: the autoscaler follows
+    Dask's adaptive_target, the cluster grows (to scale_maximum, 3: the request is clamped), the graph finishes,
+    and the cluster shrinks back to site.yml's worker (the floor: worker_count is at least 1), with the scheduler
+    and Jupyter still there. EC2, watched all along, never holds more than 3 workers or a duplicate launch."""
+    emulator, info = cluster["emulator"], cluster["info"]
+    most, launched, watching = [0], set(), threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            workers = [i for i in live(emulator) if tags(i)["dask-ec2-ansible:role"] == "worker"]
+            most[0] = max(most[0], len(workers))
+            launched.update(i["InstanceId"] for i in workers if tags(i).get("dask-ec2-ansible:autoscaled"))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with kernel_on_the_cluster(info) as execute:
+            out = execute(
+                "import time, warnings\nfrom dask_ec2_ansible import Cluster\nfrom distributed import Client\n"
+                "cluster = Cluster()\nclient = Client(cluster)\n"
+                "with warnings.catch_warnings(record=True) as said:\n"
+                "    warnings.simplefilter('always')\n"
+                "    asked = cluster.adapt(minimum=0, maximum=4, target_duration='5s', wait_count=2)\n"
+                "print('asked', asked.minimum, asked.maximum, len(said))\n"
+                "futures = client.map(time.sleep, [0.5] * 300, pure=False)\nbiggest = 0\n"
+                "while not all(f.done() for f in futures):\n"
+                "    biggest = max(biggest, len(client.scheduler_info()['workers']))\n    time.sleep(0.5)\n"
+                "client.gather(futures)\nprint('finished with at most', biggest)", timeout=400)
+            assert "asked 1 3 2" in out and "finished with at most 3" in out, out
+            wait_until(lambda: autoscaled(emulator) == [], 240, "the cluster shrank back to site.yml's worker")
+            out = execute("print('left', len(client.scheduler_info()['workers']), "
+                          "cluster.autoscaler_status()['mode'])", timeout=60)
+            assert "left 1 adaptive" in out, out
+    finally:
+        watching.set()
+        watcher.join()
+    assert most[0] == 3, "grew to the maximum, never beyond it"
+    # The worker the test before left, and one launch more: no duplicate, no launch and terminate in between.
+    assert len(launched) == 2, launched
+
+
+def test_in_chromium_the_labs_dask_panel_shows_the_cluster_and_its_scale_dialog_changes_the_worker_count(
+        cluster, tmp_path):
+    """The Lab's Dask panel (dask-labextension's cluster manager, our Cluster as its factory) lists this cluster;
+    SCALE, 2 workers, as a user would click it: the autoscaler launches one, and it joins."""
+    emulator, info = cluster["emulator"], cluster["info"]
+    with chromium_page(info, tmp_path, f"dask-{CLUSTER} CA") as page:
+        log_in_to_lab(page, info)
+        if not page.locator(".dask-ClusterManager").is_visible():
+            page.click(".jp-SideBar .lm-TabBar-tab[data-id='dask-dashboard-launcher']")
+        item = page.locator(".dask-ClusterListingItem").filter(has_text=CLUSTER)
+        item.wait_for()
+        page.screenshot(path=ARTIFACTS / "scale-aws-dask-panel.png")
+        item.locator(".dask-ClusterListingItem-scale").click()
+        dialog = page.locator(".jp-Dialog")
+        dialog.locator("input.dask-ScalingInput").first.fill("2")
+        page.screenshot(path=ARTIFACTS / "scale-aws-scale-dialog.png")
+        dialog.locator("button.jp-mod-accept").click()
+        client = client_for(info)
+        try:
+            wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, 300,
+                       "2 workers after the Scale dialog")
+        finally:
+            client.close()
+        assert len(autoscaled(emulator)) == 1
+        item.filter(has_text="Number of Workers: 2").wait_for(timeout=30_000)
+        page.screenshot(path=ARTIFACTS / "scale-aws-dask-panel-scaled.png")
