@@ -36,7 +36,7 @@ REGION = "eu-west-1"
 CLUSTER = "scaleaws"
 STATE = ROOT / ".clusters" / CLUSTER
 CLUSTER_TAG = "dask-ec2-ansible:cluster"
-SCALE = ["-e", "worker_count=1", "-e", "scale_maximum=3"]
+SCALE = ["-e", "worker_count=1", "-e", "scale_maximum=4"]
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +95,10 @@ def ssh(info, *command: str) -> subprocess.CompletedProcess:
 
 def test_the_autoscaler_runs_on_the_scheduler_as_its_own_user_with_the_clusters_profile(cluster):
     info = cluster["info"]
-    assert info["scaling"] == {"provider": "aws", "workers": 1, "minimum": 1, "maximum": 3, "adaptive": False,
+    assert info["scaling"] == {"provider": "aws", "workers": 1, "minimum": 1, "maximum": 4, "adaptive": False,
                                "autoscaler": True, "scale_minimum": 1}
     # The estimate before the launch counted the largest size (max_hourly_cost holds at it).
-    assert re.search(r"2 x \S+.*workers the autoscaler may add", cluster["first"].output), cluster["first"].output[-4000:]
+    assert re.search(r"3 x \S+.*workers the autoscaler may add", cluster["first"].output), cluster["first"].output[-4000:]
     state = ssh(info, "systemctl", "show", "-p", "ActiveState", "-p", "User", "dask-autoscaler.service")
     assert "ActiveState=active" in state.stdout and "User=dask-autoscaler" in state.stdout, state.stdout + state.stderr
     (scheduler,) = [i for i in live(cluster["emulator"]) if tags(i)["dask-ec2-ansible:role"] == "scheduler"]
@@ -116,21 +116,21 @@ def autoscaled(emulator) -> list[dict]:
 
 
 def test_scale_from_a_kernel_launches_workers_that_enroll_join_and_compute_then_scale_down_keeps_the_results(cluster):
-    """The Done-when's notebook: Cluster(), Client(cluster), scale(3), compute, scale(1) with every result kept;
+    """The Done-when's notebook: Cluster(), Client(cluster), scale(4), compute, scale(1) with every result kept;
     all of it in a kernel on the cluster, this test process only watching EC2."""
     emulator, info = cluster["emulator"], cluster["info"]
     with kernel_on_the_cluster(info) as execute:
         out = execute(
             "import time\nfrom dask_ec2_ansible import Cluster\nfrom distributed import Client\n"
-            "cluster = Cluster()\nclient = Client(cluster)\nstart = time.monotonic()\ncluster.scale(3)\n"
-            "client.wait_for_workers(3, timeout=300)\nprint('joined', round(time.monotonic() - start))\n"
+            "cluster = Cluster()\nclient = Client(cluster)\nstart = time.monotonic()\ncluster.scale(4)\n"
+            "client.wait_for_workers(4, timeout=300)\nprint('joined', round(time.monotonic() - start))\n"
             "print('computed', sum(client.gather(client.map(lambda i: i * i, range(30)))), len(client.run(lambda: 1)))\n"
             "futures = client.scatter(list(range(100)))\n"
             "print('spread', len({w for f in futures for w in client.who_has([f])[f.key]}))\n"
             "print('names', sorted(w['name'] for w in client.scheduler_info()['workers'].values()))", timeout=360)
-        assert f"computed {sum(i * i for i in range(30))} 3" in out and "spread 3" in out, out
+        assert f"computed {sum(i * i for i in range(30))} 4" in out and "spread 4" in out, out
         instances = autoscaled(emulator)
-        assert len(instances) == 2
+        assert len(instances) == 3
         ids = sorted(i["InstanceId"] for i in instances)
         assert f"names {sorted([f'dask-{CLUSTER}-worker-1', *ids])}" in out, out
         for instance in instances:
@@ -171,20 +171,20 @@ def test_from_the_controller_the_same_cluster_scales_and_a_second_site_run_leave
         shown = run_playbook("playbooks/status.yml", "-e", f"regions={REGION}", env=emulator["env"],
                              name="scale-aws-status")
         (row,) = [line for line in shown.output.splitlines() if f"{CLUSTER} " in line and REGION in line]
-        assert "manual 1-3, 1 autoscaled" in row, row
+        assert "manual 1-4, 1 autoscaled" in row, row
         report = json.loads((ROOT / ".clusters" / "status.json").read_text())
         (found,) = [c for c in report["clusters"] if c["name"] == CLUSTER]
-        assert found["scaling"] == {"minimum": 1, "maximum": 3, "mode": "manual"} and found["autoscaled_workers"] == 1
+        assert found["scaling"] == {"minimum": 1, "maximum": 4, "mode": "manual"} and found["autoscaled_workers"] == 1
     # A kernel's Cluster() sees the same limits.
     out = run_in_kernel(info, "from dask_ec2_ansible import Cluster\nc = Cluster()\nprint(c.limits['maximum'])")
-    assert out.strip() == "3"
+    assert out.strip() == "4"
 
 
 def test_adapt_from_a_kernel_grows_for_a_queued_graph_never_beyond_the_maximum_and_shrinks_back(cluster):
     """cluster.adapt(minimum=0, maximum=4) in a kernel, then a graph of 300 sleeping tasks: the autoscaler follows
-    Dask's adaptive_target, the cluster grows (to scale_maximum, 3: the request is clamped), the graph finishes,
+    Dask's adaptive_target, the cluster grows (to 4; minimum=0 is clamped to 1), the graph finishes,
     and the cluster shrinks back to site.yml's worker (the floor: worker_count is at least 1), with the scheduler
-    and Jupyter still there. EC2, watched all along, never holds more than 3 workers or a duplicate launch."""
+    and Jupyter still there. EC2, watched all along, never holds more than 4 workers or a duplicate launch."""
     emulator, info = cluster["emulator"], cluster["info"]
     most, launched, watching = [0], set(), threading.Event()
 
@@ -210,7 +210,7 @@ def test_adapt_from_a_kernel_grows_for_a_queued_graph_never_beyond_the_maximum_a
                 "while not all(f.done() for f in futures):\n"
                 "    biggest = max(biggest, len(client.scheduler_info()['workers']))\n    time.sleep(0.5)\n"
                 "client.gather(futures)\nprint('finished with at most', biggest)", timeout=400)
-            assert "asked 1 3 2" in out and "finished with at most 3" in out, out
+            assert "asked 1 4 1" in out and "finished with at most 4" in out, out
             wait_until(lambda: autoscaled(emulator) == [], 240, "the cluster shrank back to site.yml's worker")
             out = execute("print('left', len(client.scheduler_info()['workers']), "
                           "cluster.autoscaler_status()['mode'])", timeout=60)
@@ -218,9 +218,9 @@ def test_adapt_from_a_kernel_grows_for_a_queued_graph_never_beyond_the_maximum_a
     finally:
         watching.set()
         watcher.join()
-    assert most[0] == 3, "grew to the maximum, never beyond it"
-    # The worker the test before left, and one launch more: no duplicate, no launch and terminate in between.
-    assert len(launched) == 2, launched
+    assert most[0] == 4, "grew to the maximum, never beyond it"
+    # The worker the test before left, and two launches more: no duplicate, no launch and terminate in between.
+    assert len(launched) == 3, launched
 
 
 def test_in_chromium_the_labs_dask_panel_shows_the_cluster_and_its_scale_dialog_changes_the_worker_count(
