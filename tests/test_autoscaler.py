@@ -373,3 +373,35 @@ def test_the_settings_start_it_adaptive_a_notebooks_request_holds_over_a_restart
     assert seen["restart"] == ("fixed", 3), "a restart keeps what the notebook asked"
     assert seen["changed"] == ("fixed", 1), "changed settings win over the notebook's request"
     assert seen["adapt"] == (2, {"mode": "adaptive", "minimum": 2, "maximum": 3})
+
+
+def test_a_booting_worker_tries_its_enrollment_again_while_the_autoscaler_does_not_answer_but_not_a_refusal(
+        monkeypatch):
+    """The autoscaler restarting (or not listening yet) when a worker boots must not leave the worker out until
+    the join bound terminates it; a refusal (403) is final."""
+    import io
+    import ssl
+    import urllib.error
+
+    from dask_ec2_ansible import boot
+
+    answers = [ConnectionRefusedError("refused"), urllib.error.URLError("restarting"),
+               urllib.error.HTTPError("u", 503, "busy", {}, None), io.BytesIO(b'{"certificate": "PEM"}')]
+    slept = []
+
+    def urlopen(request, timeout, context):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return contextlib.nullcontext(answer)
+
+    monkeypatch.setattr(boot.urllib.request, "urlopen", urlopen)
+    context = ssl.create_default_context()
+    assert boot.enroll("https://10.0.0.1:8795/enroll", {"instance_id": "i-1"}, context, sleep=slept.append) == "PEM"
+    assert slept == [1.0, 2.0, 4.0]
+    answers[:] = [urllib.error.HTTPError("u", 403, "refused", {}, None), io.BytesIO(b'{"certificate": "PEM"}')]
+    with pytest.raises(urllib.error.HTTPError):
+        boot.enroll("https://10.0.0.1:8795/enroll", {"instance_id": "i-1"}, context, sleep=slept.append)
+    answers[:] = [ConnectionRefusedError("refused")] * 10
+    with pytest.raises(RuntimeError, match="did not answer within 0 s"):
+        boot.enroll("https://10.0.0.1:8795/enroll", {"instance_id": "i-1"}, context, patience=0, sleep=slept.append)

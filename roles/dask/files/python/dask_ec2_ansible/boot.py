@@ -17,6 +17,8 @@ import pathlib
 import pwd
 import ssl
 import subprocess
+import time
+import urllib.error
 import urllib.request
 
 
@@ -60,6 +62,29 @@ def ensure_account(user: str, groups: list[str], home: str) -> None:
                         "--no-create-home", "--shell", "/usr/sbin/nologin", user], check=True)
 
 
+def enroll(url: str, body: dict, context: ssl.SSLContext, patience: float = 300, sleep=time.sleep) -> str:
+    """The certificate, from the autoscaler. Not answering (not listening yet, restarting, a 5xx) is tried again
+    for `patience` seconds; a refusal (4xx) is final: trying again would not help."""
+    delay, deadline = 1.0, time.monotonic() + patience
+    while True:
+        request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+                return json.loads(answer.read())["certificate"]
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                raise
+            failure: OSError = error
+        except OSError as error:
+            failure = error
+        if time.monotonic() + delay > deadline:
+            raise RuntimeError(f"the autoscaler at {url} did not answer within {patience:.0f} s: {failure}")
+        print(f"dask-ec2-ansible: enrollment not answered ({failure}); trying again in {delay:.0f} s", flush=True)
+        sleep(delay)
+        delay = min(delay * 2, 20)
+
+
 def main(config: dict) -> None:
     instance_id = metadata("instance-id")
     tls_dir = pathlib.Path(config["tls_dir"])
@@ -75,11 +100,8 @@ def main(config: dict) -> None:
     (tls_dir / "ca.pem").write_text(config["trust"])
     context = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
     context.check_hostname = False   # the scheduler's certificate names its address, which we have as an IP
-    request = urllib.request.Request(config["enroll_url"], method="POST", data=json.dumps(
-        {"instance_id": instance_id, "token": config["token"], "csr": csr}).encode(),
-        headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30, context=context) as answer:
-        certificate = json.loads(answer.read())["certificate"]
+    certificate = enroll(config["enroll_url"], {"instance_id": instance_id, "token": config["token"], "csr": csr},
+                         context)
     (tls_dir / "node.pem").write_text(certificate)
     local = pathlib.Path(config["local_directory"])
     local.mkdir(mode=0o750, parents=True, exist_ok=True)
