@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+import requests
 
 from cluster_checks import chromium_page, client_for, kernel_on_the_cluster, log_in_to_lab, run_in_kernel
 from emulator import running_emulator, wait_until
@@ -115,7 +116,24 @@ def autoscaled(emulator) -> list[dict]:
     return [i for i in live(emulator) if tags(i).get("dask-ec2-ansible:autoscaled") == "true"]
 
 
-def test_scale_from_a_kernel_launches_workers_that_enroll_join_and_compute_then_scale_down_keeps_the_results(cluster):
+def assert_enrollments_are_refused(info, enrolled: str, work) -> None:
+    """From this machine (not an instance's address): a replay for a worker that enrolled, and an instance the
+    autoscaler never launched, are refused, and its journal says why."""
+    subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(work / "k.pem"), "-out", str(work / "r.pem"), "-subj", f"/CN={enrolled}"],
+                   check=True, capture_output=True)
+    url = f"https://{info['nodes'][f'dask-{CLUSTER}-scheduler']}:8795/enroll"
+    for instance_id in (enrolled, "i-0123456789abcdef0"):
+        answer = requests.post(url, json={"instance_id": instance_id, "token": "guessed",
+                                          "csr": (work / "r.pem").read_text()}, verify=info["tls"]["ca_file"], timeout=30)
+        assert answer.status_code == 403 and "certificate" not in answer.json(), answer.text
+    journal = ssh(info, "sudo", "journalctl", "-u", "dask-autoscaler", "--no-pager", "-o", "cat").stdout
+    assert f"{enrolled} has enrolled already (a replayed token)" in journal, journal[-3000:]
+    assert "i-0123456789abcdef0 is no instance this autoscaler launched" in journal, journal[-3000:]
+
+
+def test_scale_from_a_kernel_launches_workers_that_enroll_join_and_compute_then_scale_down_keeps_the_results(
+        cluster, tmp_path):
     """The Done-when's notebook: Cluster(), Client(cluster), scale(4), compute, scale(1) with every result kept;
     all of it in a kernel on the cluster, this test process only watching EC2."""
     emulator, info = cluster["emulator"], cluster["info"]
@@ -137,6 +155,7 @@ def test_scale_from_a_kernel_launches_workers_that_enroll_join_and_compute_then_
             assert tags(instance)["Name"] == f"dask-{CLUSTER}-worker-{instance['InstanceId']}"
             assert tags(instance)[CLUSTER_TAG] == CLUSTER
             assert instance["ImageId"] == cluster["image_id"]
+        assert_enrollments_are_refused(info, ids[0], tmp_path)
         out = execute(
             "cluster.scale(1)\ndeadline = time.monotonic() + 180\n"
             "while len(client.scheduler_info()['workers']) > 1 and time.monotonic() < deadline:\n    time.sleep(1)\n"
@@ -157,7 +176,15 @@ def test_from_the_controller_the_same_cluster_scales_and_a_second_site_run_leave
     emulator, info = cluster["emulator"], cluster["info"]
     with Cluster.from_file(STATE / "cluster.json") as attached:
         attached.scale(2)
+        # The autoscaler killed while its launch is in flight (the instance there, not joined yet): systemd starts
+        # it again, and it finds the instance by its tags instead of launching another.
+        wait_until(lambda: autoscaled(emulator), 60, "the launch")
+        killed = ssh(info, "sudo", "systemctl", "kill", "--signal=KILL", "dask-autoscaler.service")
+        assert killed.returncode == 0, killed.stderr
         wait_until(lambda: len(attached.scheduler_info["workers"]) == 2, 300, "2 workers joined")
+        restarts = ssh(info, "systemctl", "show", "-p", "NRestarts", "--value", "dask-autoscaler.service")
+        assert int(restarts.stdout.strip()) >= 1, restarts.stdout
+        time.sleep(12)   # two more decisions of the restarted autoscaler
         (instance,) = autoscaled(emulator)
         again = run_playbook("site.yml", *args(emulator, "-e", f"cluster_name={CLUSTER}", *SCALE,
                                                "-e", f"ami_id={cluster['image_id']}"),
