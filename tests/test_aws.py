@@ -773,6 +773,8 @@ def test_the_shipped_policy_makes_the_autoscalers_role_and_that_role_suffices_fo
                                 ("AWS_SESSION_TOKEN", session["SessionToken"]), ("AWS_ENDPOINT_URL", endpoint),
                                 ("AWS_EC2_METADATA_DISABLED", "true")):
             monkeypatch.setenv(variable, value)
+        # boto3's default session keeps the credentials it found first (another test's in this process).
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
         launch = json.loads((ROOT / ".clusters" / cluster / "worker-launch.json").read_text())
         autoscaler = Autoscaler({
             "scheduler_address": "tcp://127.0.0.1:9", "tls": None, "region": REGION, "state_dir": str(tmp_path),
