@@ -67,6 +67,7 @@ def enroll(url: str, body: dict, context: ssl.SSLContext, patience: float = 300,
     for `patience` seconds; a refusal (4xx) is final: trying again would not help."""
     delay, deadline = 1.0, time.monotonic() + patience
     while True:
+        failure = ""
         request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -75,9 +76,9 @@ def enroll(url: str, body: dict, context: ssl.SSLContext, patience: float = 300,
         except urllib.error.HTTPError as error:
             if error.code < 500:
                 raise
-            failure: OSError = error
+            failure = str(error)
         except OSError as error:
-            failure = error
+            failure = str(error)
         if time.monotonic() + delay > deadline:
             raise RuntimeError(f"the autoscaler at {url} did not answer within {patience:.0f} s: {failure}")
         print(f"dask-ec2-ansible: enrollment not answered ({failure}); trying again in {delay:.0f} s", flush=True)
