@@ -39,7 +39,7 @@ CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE)
 # is waiting (boots, services, SSH), which the other process fills.
 # TEST_JOBS=1 runs them one after another.
 TEST_JOBS ?= 2
-PYTEST_PARALLEL := $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile,)
+PYTEST_PARALLEL := $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder,)
 AWS_DEMO_CLUSTER := $(if $(filter command line environment,$(origin CLUSTER)),$(CLUSTER),demo-aws)
 EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.
