@@ -240,6 +240,51 @@ def test_a_zone_without_capacity_is_skipped_and_a_quota_is_tried_once_per_backof
     assert live(moto) == []
 
 
+def test_with_aws_spot_a_worker_is_asked_on_spot_then_on_demand_when_refused_and_a_spot_quota_waits_its_backoff(
+        moto, make_config, caplog):
+    def market(call) -> str:
+        return call.params.get("InstanceMarketOptions.MarketType", "on-demand")
+
+    with faults(moto) as proxy:
+        spot = asyncio.run(scaled_once(lambda address: make_config(address, spot=True), 2))
+        assert [market(c) for c in proxy.calls("RunInstances")] == ["spot"]
+        (instance,) = live(moto)
+        assert tags(instance)["dask-ec2-ansible:lifecycle"] == "spot"
+        assert "dask-ec2-ansible:spot-fallback" not in tags(instance)
+        spot.terminate([instance["InstanceId"]], "test")
+
+        # No spot capacity in either zone: on-demand in the first, tagged as a fallback.
+        proxy.clear()
+        proxy.refuse("RunInstances", "InsufficientInstanceCapacity", where={"InstanceMarketOptions.MarketType": "spot"})
+        asyncio.run(scaled_once(lambda address: make_config(address, spot=True), 2))
+        tried = [(market(c), c.params["SubnetId"], c.refused) for c in proxy.calls("RunInstances")]
+        first, second = moto["subnets"][:2]
+        assert tried == [("spot", first, True), ("spot", second, True), ("on-demand", first, False)], tried
+        (instance,) = live(moto)
+        assert tags(instance)["dask-ec2-ansible:lifecycle"] == "on-demand"
+        assert tags(instance)["dask-ec2-ansible:spot-fallback"] == "true"
+        moto["ec2"].terminate_instances(InstanceIds=[instance["InstanceId"]])
+
+        # A spot quota: on-demand at once, and the next launches skip spot until the backoff ends.
+        proxy.clear()
+        proxy.refuse("RunInstances", "MaxSpotInstanceCountExceeded", where={"InstanceMarketOptions.MarketType": "spot"})
+
+        async def quota():
+            async with scheduler_with_one_fixed_worker() as (scheduler, _, cluster):
+                autoscaler = Autoscaler(make_config(scheduler.address, spot=True))
+                await cluster.scale(3)
+                await autoscaler.tick()
+                return autoscaler
+
+        with caplog.at_level(logging.WARNING, logger="dask_ec2_ansible.autoscaler"):
+            autoscaler = asyncio.run(quota())
+        assert [(market(c), c.refused) for c in proxy.calls("RunInstances")] == [
+            ("spot", True), ("on-demand", False), ("on-demand", False)]
+        assert sorted(tags(i)["dask-ec2-ansible:lifecycle"] for i in live(moto)) == ["on-demand", "on-demand"]
+        assert len([r for r in caplog.records if "spot worker on quota" in r.message]) == 1
+        assert autoscaler.spot_quota_until > 0
+
+
 def test_an_autoscaler_killed_in_the_middle_of_a_launch_finds_the_instance_and_launches_no_duplicate(moto, make_config):
     import botocore.exceptions
 

@@ -109,15 +109,22 @@ def test_the_autoscalers_role_may_only_start_tag_and_stop_its_clusters_workers_w
     variables = yaml.safe_load((ROOT / "roles" / "provider_aws" / "vars" / "main.yml").read_text())
     assert "__provider_aws_autoscaler_policy" in variables
     env = __import__("jinja2").Environment()
+    env.filters["bool"] = lambda value: value is True or str(value).lower() in ("true", "yes", "1")
     values = {"__provider_aws_ec2_arn": "arn:aws:ec2:eu-west-1", "__provider_aws_partition": "aws",
               "__provider_aws_caller_result": {"account": "123456789012", "arn": "arn:aws:iam::123456789012:user/u"},
               "provider_aws_cluster_name": "lab", "provider_aws_worker_instance_type": "m7i.large",
               "provider_aws_region": "eu-west-1", "__provider_aws_amis": {"x86_64": {"image_id": "ami-0123"}},
               "__provider_aws_arch": {"worker": "x86_64"}, "__provider_aws_group_result": {"group_id": "sg-0abc"},
               "__provider_aws_key_name": "dask-lab", "__provider_aws_iam_path": "/dask-ec2-ansible/",
-              "__provider_aws_role_name": "dask-lab-eu-west-1", "__provider_aws_s3_wanted": True}
-    rendered = env.from_string(variables["__provider_aws_autoscaler_policy"]["Statement"]).render(**values)
-    policy = {"Version": "2012-10-17", "Statement": __import__("ast").literal_eval(rendered.strip())}
+              "__provider_aws_role_name": "dask-lab-eu-west-1", "__provider_aws_s3_wanted": True,
+              "provider_aws_spot": True}
+    template = env.from_string(variables["__provider_aws_autoscaler_policy"]["Statement"])
+    policy = {"Version": "2012-10-17", "Statement": __import__("ast").literal_eval(template.render(**values).strip())}
+    # aws_spot: its workers are asked on spot first, which RunInstances authorizes on a spot request too.
+    on_demand = __import__("ast").literal_eval(template.render(**dict(values, provider_aws_spot=False)).strip())
+    spot_request = "arn:aws:ec2:eu-west-1:*:spot-instances-request/*"
+    assert {s["Sid"]: s["Resource"] for s in statements(policy)}["FromTheClustersImageNetworkAndKey"][-1] == spot_request
+    assert spot_request not in json.dumps(on_demand)
     # The same findings that do not apply to the shipped policy, for the same reasons (NOT_APPLYING): PassRole
     # with RunInstances (of our bucket role only), RunInstances's resources in statements of their own.
     found = findings(policy)

@@ -50,3 +50,18 @@ def call_with_backoff(call, attempts=8, delay=1.0, max_delay=20.0, sleep=time.sl
                 on_retry(error_code(error))
             sleep(random.uniform(0, min(max_delay, delay * 2 ** (attempt - 1))) + delay / 2)
     raise AssertionError("unreachable")
+
+
+# What a launched machine's tags say of its market; the fallback tag marks a machine asked on spot that
+# runs on-demand (status tells these apart from machines never meant to be spot).
+LIFECYCLE_TAG = "dask-ec2-ansible:lifecycle"
+FALLBACK_TAG = "dask-ec2-ansible:spot-fallback"
+# RunInstances' InstanceMarketOptions for a spot machine: one-time, terminated when reclaimed.
+SPOT_MARKET = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-time",
+                                                     "InstanceInterruptionBehavior": "terminate"}}
+
+
+def launch_choices(subnet_ids, spot):
+    """The (market, subnet) tries for one machine, in order: spot in every subnet when asked, then
+    on-demand in every subnet. A zone without capacity gives way to the next; spot refused, to on-demand."""
+    return ([("spot", s) for s in subnet_ids] if spot else []) + [("on-demand", s) for s in subnet_ids]

@@ -221,12 +221,11 @@ except ImportError:
 
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import (
-    CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, call_with_backoff, error_code,
+    CAPACITY, FALLBACK_TAG, LIFECYCLE_TAG, NO_RETRIES, QUOTA, READ_RETRIES, SPOT_MARKET, call_with_backoff,
+    error_code, launch_choices,
 )
 
-LIFECYCLE_TAG = "dask-ec2-ansible:lifecycle"
 ROLE_TAG = "dask-ec2-ansible:role"
-FALLBACK_TAG = "dask-ec2-ansible:spot-fallback"
 LIVE = ["pending", "running", "stopping", "stopped"]
 
 
@@ -349,15 +348,13 @@ class Launcher:
                                             "Groups": params.pop("SecurityGroupIds"),
                                             "AssociatePublicIpAddress": self.p["public_ip"]}]
         if lifecycle == "spot":
-            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
-                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
+            params["InstanceMarketOptions"] = SPOT_MARKET
         return params
 
     def launch_one(self, machine, subnet_ids):
         """The instance, or (code, message) of the refusal that ends the search."""
-        choices = ([("spot", s) for s in subnet_ids] if machine.get("spot") else []) + [("on-demand", s) for s in subnet_ids]
         last = None
-        for lifecycle, subnet_id in choices:
+        for lifecycle, subnet_id in launch_choices(subnet_ids, machine.get("spot")):
             # A quota is per region and market: other subnets would be refused the same; and
             # a zone without capacity now has none for the next machine of this run either.
             if lifecycle in self.over_quota or (lifecycle, subnet_id, machine["instance_type"]) in self.no_capacity:

@@ -40,7 +40,8 @@ from distributed.security import Security
 from tornado import httpserver, web
 
 # The same code as the dask_ec2_launch module's (plugins/module_utils/dask_ec2_retry.py), not a copy.
-from ._ec2_retry import CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, call_with_backoff, error_code
+from ._ec2_retry import (CAPACITY, FALLBACK_TAG, LIFECYCLE_TAG, NO_RETRIES, QUOTA, READ_RETRIES, SPOT_MARKET,
+                         call_with_backoff, error_code, launch_choices)
 
 logger = logging.getLogger("dask_ec2_ansible.autoscaler")
 
@@ -106,6 +107,7 @@ class Autoscaler(AdaptiveCore):
         self.adaptive_options: dict[str, Any] = {}
         self.last_error = ""
         self.quota_until = 0.0
+        self.spot_quota_until = 0.0
 
     # ---- AdaptiveCore's view: names of workers, planned, requested and observed ----
     @property
@@ -174,28 +176,43 @@ class Autoscaler(AdaptiveCore):
                 self.state.save()
 
     def launch(self) -> bool:
-        """One worker, in the first subnet with capacity; False when none could be had (said once)."""
+        """One worker: on spot first when the cluster's workers are (aws_spot), in the first subnet with
+        capacity, then on-demand; False when none could be had (said once)."""
         launch, token = secrets.token_hex(16), secrets.token_urlsafe(32)
         self.state.launches[launch] = {"token": _digest(token), "created": time.time(), "used": False}
         self.state.save()   # before the request: a restart finds the instance by its launch tag
         user_data = self.config["user_data"].replace("@ENROLL_TOKEN@", token)
-        tags = dict(self.config["cluster_tags"], **self.config["instance_tags"],
-                    **{AUTOSCALED_TAG: "true", LAUNCH_TAG: launch, "dask-ec2-ansible:role": "worker",
-                       "Name": f"{self.config['name_prefix']}-auto"})
         last = None
-        for subnet in self.config["subnet_ids"]:
+        for attempt, (lifecycle, subnet) in enumerate(launch_choices(self.config["subnet_ids"],
+                                                                     self.config.get("spot", False))):
+            if lifecycle == "spot" and time.monotonic() < self.spot_quota_until:
+                continue
+            tags = dict(self.config["cluster_tags"], **self.config["instance_tags"],
+                        **{AUTOSCALED_TAG: "true", LAUNCH_TAG: launch, LIFECYCLE_TAG: lifecycle,
+                           "dask-ec2-ansible:role": "worker", "Name": f"{self.config['name_prefix']}-auto"})
+            if self.config.get("spot") and lifecycle == "on-demand":
+                tags[FALLBACK_TAG] = "true"
+            # A token of its own per try: EC2 refuses a token used before with other parameters.
             params = dict(self.config["run_instances"], MinCount=1, MaxCount=1, SubnetId=subnet,
-                          UserData=user_data, ClientToken=launch, TagSpecifications=[
+                          UserData=user_data, ClientToken=f"{launch}-{attempt}", TagSpecifications=[
                               {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]},
                               {"ResourceType": "volume", "Tags": [{"Key": k, "Value": v} for k, v in
                                                                   self.config["cluster_tags"].items()]}])
+            if lifecycle == "spot":
+                params["InstanceMarketOptions"] = SPOT_MARKET
             try:
                 reservation = call_with_backoff(lambda: self.ec2_write.run_instances(**params))
             except botocore.exceptions.ClientError as error:
                 code = error_code(error)
                 last = f"{code}: {error.response.get('Error', {}).get('Message', '')}"
                 if code in CAPACITY:
-                    logger.warning("no capacity in %s: %s; trying the next subnet", subnet, last)
+                    logger.warning("no %s capacity in %s: %s; trying the next", lifecycle, subnet, last)
+                    continue
+                if code in QUOTA and lifecycle == "spot":
+                    # The spot quota is the region's: no other subnet would take it; on-demand has its own.
+                    self.spot_quota_until = time.monotonic() + self.config["quota_backoff"]
+                    logger.warning("EC2 refused a spot worker on quota (%s): on-demand, and no spot for %s s",
+                                   last, self.config["quota_backoff"])
                     continue
                 if code in QUOTA:
                     self.quota_until = time.monotonic() + self.config["quota_backoff"]
@@ -211,7 +228,7 @@ class Autoscaler(AdaptiveCore):
             self.instances[name] = instance
             call_with_backoff(lambda: self.ec2.create_tags(Resources=[name], Tags=[
                 {"Key": "Name", "Value": f"{self.config['name_prefix']}-{name}"}]))
-            logger.info("launched %s in %s", name, subnet)
+            logger.info("launched %s in %s (%s)", name, subnet, lifecycle)
             return True
         self.state.launches.pop(launch, None)
         self.state.save()
