@@ -31,8 +31,6 @@ EXTRA_CA_BUNDLE ?= $(SSL_CERT_FILE)
 CLUSTER ?= demo
 WORKERS ?= 2
 CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE),)
-# The emulator's cluster is not called "demo": a docker and an aws cluster of
-# one name would share an inventory group. CLUSTER=... still picks the name.
 # make test runs the test files on TEST_JOBS processes (pytest-xdist): each file
 # on one process, in its order, with its own clusters and emulator (every file
 # names its own), so two files can share the machine. Most of a cluster test
@@ -40,6 +38,8 @@ CA_ARG := $(if $(strip $(EXTRA_CA_BUNDLE)),-e extra_ca_bundle=$(EXTRA_CA_BUNDLE)
 # TEST_JOBS=1 runs them one after another.
 TEST_JOBS ?= 2
 PYTEST_PARALLEL := $(if $(filter-out 0 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder,)
+# The emulator's cluster is not called "demo": a docker and an aws cluster of
+# one name would share an inventory group. CLUSTER=... still picks the name.
 AWS_DEMO_CLUSTER := $(if $(filter command line environment,$(origin CLUSTER)),$(CLUSTER),demo-aws)
 EMULATOR := $(VENV)/bin/python scripts/ec2-emulator
 # The aws tools pointed at the emulator (and at nothing else), for one command.

@@ -61,6 +61,11 @@ SPOT_MARKET = {"MarketType": "spot", "SpotOptions": {"SpotInstanceType": "one-ti
                                                      "InstanceInterruptionBehavior": "terminate"}}
 
 
+def market_tags(spot, lifecycle):
+    """The market tags of a machine launched on `lifecycle`, asked on spot or not."""
+    return {LIFECYCLE_TAG: lifecycle, **({FALLBACK_TAG: "true"} if spot and lifecycle == "on-demand" else {})}
+
+
 def launch_choices(subnet_ids, spot):
     """The (market, subnet) tries for one machine, in order: spot in every subnet when asked, then
     on-demand in every subnet. A zone without capacity gives way to the next; spot refused, to on-demand."""

@@ -222,7 +222,7 @@ except ImportError:
 from ansible_collections.amazon.aws.plugins.module_utils.modules import AnsibleAWSModule
 from ansible_collections.dask_ec2_ansible.cluster.plugins.module_utils.dask_ec2_retry import (
     CAPACITY, FALLBACK_TAG, LIFECYCLE_TAG, NO_RETRIES, QUOTA, READ_RETRIES, SPOT_MARKET, call_with_backoff,
-    error_code, launch_choices,
+    error_code, launch_choices, market_tags,
 )
 
 ROLE_TAG = "dask-ec2-ansible:role"
@@ -317,10 +317,9 @@ class Launcher:
         return bool(add or drop)
 
     def request(self, machine, lifecycle, subnet_id):
-        tags = dict(self.p["tags"], Name=machine["name"], **{ROLE_TAG: machine["role"], LIFECYCLE_TAG: lifecycle})
-        if machine["spot"] and lifecycle == "on-demand":
-            # Status tells these apart from workers that were never meant to be spot.
-            tags[FALLBACK_TAG] = "true"
+        # The fallback tag: status tells these apart from workers that were never meant to be spot.
+        tags = dict(self.p["tags"], Name=machine["name"], **{ROLE_TAG: machine["role"]},
+                    **market_tags(machine["spot"], lifecycle))
         params = {
             "ImageId": machine["image_id"], "InstanceType": machine["instance_type"], "MinCount": 1, "MaxCount": 1,
             "KeyName": self.p["key_name"], "SubnetId": subnet_id, "SecurityGroupIds": self.p["security_group_ids"],

@@ -40,8 +40,8 @@ from distributed.security import Security
 from tornado import httpserver, web
 
 # The same code as the dask_ec2_launch module's (plugins/module_utils/dask_ec2_retry.py), not a copy.
-from ._ec2_retry import (CAPACITY, FALLBACK_TAG, LIFECYCLE_TAG, NO_RETRIES, QUOTA, READ_RETRIES, SPOT_MARKET,
-                         call_with_backoff, error_code, launch_choices)
+from ._ec2_retry import (CAPACITY, NO_RETRIES, QUOTA, READ_RETRIES, SPOT_MARKET, call_with_backoff, error_code,
+                         launch_choices, market_tags)
 
 logger = logging.getLogger("dask_ec2_ansible.autoscaler")
 
@@ -182,16 +182,13 @@ class Autoscaler(AdaptiveCore):
         self.state.launches[launch] = {"token": _digest(token), "created": time.time(), "used": False}
         self.state.save()   # before the request: a restart finds the instance by its launch tag
         user_data = self.config["user_data"].replace("@ENROLL_TOKEN@", token)
-        last = None
-        for attempt, (lifecycle, subnet) in enumerate(launch_choices(self.config["subnet_ids"],
-                                                                     self.config.get("spot", False))):
+        spot, last = self.config.get("spot", False), None
+        for attempt, (lifecycle, subnet) in enumerate(launch_choices(self.config["subnet_ids"], spot)):
             if lifecycle == "spot" and time.monotonic() < self.spot_quota_until:
                 continue
-            tags = dict(self.config["cluster_tags"], **self.config["instance_tags"],
-                        **{AUTOSCALED_TAG: "true", LAUNCH_TAG: launch, LIFECYCLE_TAG: lifecycle,
-                           "dask-ec2-ansible:role": "worker", "Name": f"{self.config['name_prefix']}-auto"})
-            if self.config.get("spot") and lifecycle == "on-demand":
-                tags[FALLBACK_TAG] = "true"
+            tags = dict(self.config["cluster_tags"], **self.config["instance_tags"], **market_tags(spot, lifecycle),
+                        **{AUTOSCALED_TAG: "true", LAUNCH_TAG: launch, "dask-ec2-ansible:role": "worker",
+                           "Name": f"{self.config['name_prefix']}-auto"})
             # A token of its own per try: EC2 refuses a token used before with other parameters.
             params = dict(self.config["run_instances"], MinCount=1, MaxCount=1, SubnetId=subnet,
                           UserData=user_data, ClientToken=f"{launch}-{attempt}", TagSpecifications=[
