@@ -318,11 +318,36 @@ def chromium_page(info, home: Path, ca_name: str):
             browser.close()
 
 
+# How long the Lab may take to draw its shell: its ~60 scripts come over TLS from a machine that shares this
+# one's 2 cores with the other test process's cluster (make test runs two); once, under that load, 60 s was not enough.
+LAB_SHELL_TIMEOUT_MS = 180_000
+
+
 def log_in_to_lab(page, info) -> None:
-    """The login page, the way a user gets there (the URL from the summary), and the token."""
+    """The login page, the way a user gets there (the URL from the summary), and the token. When the Lab does not
+    draw, the failure says what the page showed, what the browser logged and which requests failed or never ended,
+    and leaves a screenshot in tests/artifacts/."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    console, failed, pending = [], [], {}
+    page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    page.on("requestfailed", lambda r: failed.append(f"{r.method} {r.url}: {r.failure}"))
+    page.on("request", lambda r: pending.__setitem__(id(r), (time.monotonic(), r.url)))
+    page.on("requestfinished", lambda r: pending.pop(id(r), None))
     page.goto(info["jupyter_url"])
     assert "/login" in page.url
     page.fill("#password_input", Path(info["jupyter_token_file"]).read_text().strip())
     page.click("#login_submit")
-    page.wait_for_selector(".jp-LabShell")
+    try:
+        page.wait_for_selector(".jp-LabShell", timeout=LAB_SHELL_TIMEOUT_MS)
+    except PlaywrightTimeoutError:
+        artifacts = Path(__file__).parent / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=artifacts / "lab-did-not-draw.png")
+        now = time.monotonic()
+        unfinished = sorted((f"{now - start:.0f}s {url}" for start, url in pending.values()), reverse=True)
+        raise AssertionError(
+            f"No Lab shell {LAB_SHELL_TIMEOUT_MS // 1000} s after logging in, at {page.url}\n"
+            f"page text: {page.inner_text('body')[:1500]!r}\nbrowser console: {console[-20:]}\n"
+            f"failed requests: {failed[-20:]}\nunfinished requests: {unfinished[:20]}") from None
     assert page.url.startswith(info["jupyter_url"])
