@@ -19,7 +19,8 @@ import time
 import pytest
 import requests
 
-from cluster_checks import chromium_page, client_for, kernel_on_the_cluster, log_in_to_lab, run_in_kernel
+from cluster_checks import (chromium_page, client_for, kernel_on_the_cluster, log_in_to_lab, run_in_kernel,
+                            task_results)
 from emulator import running_emulator, wait_until
 from conftest import ARTIFACTS, ROOT, docker_available, extra_ca_args, run_playbook
 
@@ -38,6 +39,7 @@ CLUSTER = "scaleaws"
 STATE = ROOT / ".clusters" / CLUSTER
 CLUSTER_TAG = "dask-ec2-ansible:cluster"
 SCALE = ["-e", "worker_count=1", "-e", "scale_maximum=4"]
+AUTOSCALER_SETTINGS_TASK = "dask_autoscaler : Write the autoscaler's settings (how to launch a worker, and what the worker gets)"
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +192,23 @@ def test_from_the_controller_the_same_cluster_scales_and_a_second_site_run_leave
                                                "-e", f"ami_id={cluster['image_id']}"),
                              env=emulator["env"], name="scale-aws-site-again")
         assert again.changed == 0, again.changed_tasks()
+        # Every role found its stamp matching on every machine, the autoscaler's too: its files were not looked at.
+        assert "Configured: none; skipped, their stamps match this run's inputs" in again.output, again.output[-3000:]
+        assert not task_results(again.output, AUTOSCALER_SETTINGS_TASK), "the autoscaler's stamp did not skip its files"
+        assert [i["InstanceId"] for i in autoscaled(emulator)] == [instance["InstanceId"]]
+        assert len(attached.scheduler_info["workers"]) == 2
+        # A changed input of the autoscaler's still reaches it on a plain run, stamp or not: its settings change,
+        # it restarts, and it keeps its worker.
+        changed = run_playbook("site.yml", *args(emulator, "-e", f"cluster_name={CLUSTER}", *SCALE,
+                                                 "-e", f"ami_id={cluster['image_id']}", "-e", "adaptive_interval=4s"),
+                               env=emulator["env"], name="scale-aws-site-changed")
+        scheduler = f"dask-{CLUSTER}-scheduler"
+        assert [line.split(" =>")[0] for line in task_results(changed.output, AUTOSCALER_SETTINGS_TASK)] == \
+            [f"changed: [{scheduler}]"], changed.output[-3000:]
+        settings = ssh(info, "sudo", "cat", "/etc/dask-ec2-ansible/autoscaler/autoscaler.json")
+        assert json.loads(settings.stdout)["interval"] == "4s", settings.stdout + settings.stderr
+        assert f"Configured: {scheduler};" in changed.output, changed.output[-3000:]
+        time.sleep(10)   # two decisions of the restarted autoscaler
         assert [i["InstanceId"] for i in autoscaled(emulator)] == [instance["InstanceId"]]
         assert len(attached.scheduler_info["workers"]) == 2
         status = attached.autoscaler_status()
