@@ -1249,11 +1249,12 @@ def test_a_worker_that_cannot_start_fails_site_with_its_journal(cluster):
         docker_exec(WORKER_1, "rm", "-f", BROKEN_UNIT)
         docker_exec(WORKER_1, "systemctl", "daemon-reload")
         docker_exec(WORKER_1, "systemctl", "restart", "dask-worker")
-    client = client_for(cluster["info"])
-    try:
-        wait_for_workers(client, WORKERS, timeout=90)
-    finally:
-        client.close()
+        # Back to both workers even when an assertion above failed: the tests after this one share the cluster.
+        client = client_for(cluster["info"])
+        try:
+            wait_for_workers(client, WORKERS, timeout=90)
+        finally:
+            client.close()
 
 
 def test_scale_down_retires_workers_without_losing_data(cluster):
