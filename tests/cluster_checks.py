@@ -331,9 +331,10 @@ def log_in_to_lab(page, info) -> None:
 
     console, failed, pending = [], [], {}
     page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
-    page.on("requestfailed", lambda r: failed.append(f"{r.method} {r.url}: {r.failure}"))
     page.on("request", lambda r: pending.__setitem__(id(r), (time.monotonic(), r.url)))
     page.on("requestfinished", lambda r: pending.pop(id(r), None))
+    # A failed request has ended too: it is said once, among the failed.
+    page.on("requestfailed", lambda r: (pending.pop(id(r), None), failed.append(f"{r.method} {r.url}: {r.failure}")))
     page.goto(info["jupyter_url"])
     assert "/login" in page.url
     page.fill("#password_input", Path(info["jupyter_token_file"]).read_text().strip())
@@ -341,9 +342,10 @@ def log_in_to_lab(page, info) -> None:
     try:
         page.wait_for_selector(".jp-LabShell", timeout=LAB_SHELL_TIMEOUT_MS)
     except PlaywrightTimeoutError:
-        artifacts = Path(__file__).parent / "artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=artifacts / "lab-did-not-draw.png")
+        from conftest import ARTIFACTS
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "lab-did-not-draw.png")
         now = time.monotonic()
         unfinished = sorted((f"{now - start:.0f}s {url}" for start, url in pending.values()), reverse=True)
         raise AssertionError(

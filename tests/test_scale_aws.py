@@ -37,6 +37,7 @@ CIDR = "10.217.0.0/20"
 REGION = "eu-west-1"
 CLUSTER = "scaleaws"
 STATE = ROOT / ".clusters" / CLUSTER
+SCHEDULER = f"dask-{CLUSTER}-scheduler"
 CLUSTER_TAG = "dask-ec2-ansible:cluster"
 SCALE = ["-e", "worker_count=1", "-e", "scale_maximum=4"]
 AUTOSCALER_SETTINGS_TASK = "dask_autoscaler : Write the autoscaler's settings (how to launch a worker, and what the worker gets)"
@@ -90,7 +91,7 @@ def cluster(emulator):
 
 
 def ssh(info, *command: str) -> subprocess.CompletedProcess:
-    scheduler = info["nodes"][f"dask-{CLUSTER}-scheduler"]
+    scheduler = info["nodes"][SCHEDULER]
     return subprocess.run(["ssh", "-i", info["ssh_key"], "-o", "StrictHostKeyChecking=accept-new",
                            "-o", f"UserKnownHostsFile={STATE / 'known_hosts'}", "-o", "IdentitiesOnly=yes",
                            f"{info['ssh_user']}@{scheduler}", *command], capture_output=True, text=True, timeout=60)
@@ -124,7 +125,7 @@ def assert_enrollments_are_refused(info, enrolled: str, work) -> None:
     subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", str(work / "k.pem"), "-out", str(work / "r.pem"), "-subj", f"/CN={enrolled}"],
                    check=True, capture_output=True)
-    url = f"https://{info['nodes'][f'dask-{CLUSTER}-scheduler']}:8795/enroll"
+    url = f"https://{info['nodes'][SCHEDULER]}:8795/enroll"
     for instance_id in (enrolled, "i-0123456789abcdef0"):
         answer = requests.post(url, json={"instance_id": instance_id, "token": "guessed",
                                           "csr": (work / "r.pem").read_text()}, verify=info["tls"]["ca_file"], timeout=30)
@@ -202,12 +203,11 @@ def test_from_the_controller_the_same_cluster_scales_and_a_second_site_run_leave
         changed = run_playbook("site.yml", *args(emulator, "-e", f"cluster_name={CLUSTER}", *SCALE,
                                                  "-e", f"ami_id={cluster['image_id']}", "-e", "adaptive_interval=4s"),
                                env=emulator["env"], name="scale-aws-site-changed")
-        scheduler = f"dask-{CLUSTER}-scheduler"
         assert [line.split(" =>")[0] for line in task_results(changed.output, AUTOSCALER_SETTINGS_TASK)] == \
-            [f"changed: [{scheduler}]"], changed.output[-3000:]
+            [f"changed: [{SCHEDULER}]"], changed.output[-3000:]
         settings = ssh(info, "sudo", "cat", "/etc/dask-ec2-ansible/autoscaler/autoscaler.json")
         assert json.loads(settings.stdout)["interval"] == "4s", settings.stdout + settings.stderr
-        assert f"Configured: {scheduler};" in changed.output, changed.output[-3000:]
+        assert f"Configured: {SCHEDULER};" in changed.output, changed.output[-3000:]
         time.sleep(10)   # two decisions of the restarted autoscaler
         assert [i["InstanceId"] for i in autoscaled(emulator)] == [instance["InstanceId"]]
         assert len(attached.scheduler_info["workers"]) == 2
